@@ -1,0 +1,325 @@
+"""Build the builtin guest (a Debian kernel + a busybox/dropbear/agent initramfs), cached.
+
+A recipe is a folder under ``guest-images/``.  Its packages are resolved with ``apt-cache`` to
+exact versions and archive SHA256s without downloading anything; those, the recipe's files,
+the shared initramfs files and the agent form the cache key.  A cached image is reused as
+long as the key matches, so a rebuild happens only when an input changes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import shutil
+import stat
+import subprocess
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from harness.errors import ImageError
+from harness.images.cpio import Entry, write_newc
+
+log = logging.getLogger(__name__)
+
+# Bump when the way an image is assembled changes, so old cache entries are not reused.
+BUILDER_VERSION = "1"
+
+Progress = Callable[[str], None]
+
+# Parts of library packages a guest never needs (docs, locales, iconv modules).
+_SKIP_PREFIXES = ("usr/share/", "usr/lib/x86_64-linux-gnu/gconv/", "usr/libexec/", "etc/",
+                  "usr/bin/", "sbin/", "usr/sbin/", "bin/", "usr/lib/x86_64-linux-gnu/audit/")
+# ... except the programs the guest runs.
+_KEEP_PROGRAMS = ("bin/busybox", "usr/sbin/dropbear", "usr/bin/dropbearkey")
+
+
+def _no_progress(message: str) -> None:
+    log.info("%s", message)
+
+
+def repo_root() -> Path:
+    return Path(__file__).resolve().parents[2]
+
+
+def guest_images_dir() -> Path:
+    return Path(os.environ.get("HARNESS_GUEST_IMAGES", repo_root() / "guest-images"))
+
+
+def cache_root() -> Path:
+    base = os.environ.get("HARNESS_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "harness")
+    return Path(base)
+
+
+@dataclass(frozen=True)
+class PackageRef:
+    role: str  # "kernel" or "package"
+    name: str
+    version: str
+    sha256: str
+
+
+@dataclass(frozen=True)
+class GuestImage:
+    """A built guest: what QEMU boots, and where it came from."""
+
+    key: str
+    recipe: str
+    kernel: Path
+    initrd: Path
+    kernel_release: str
+    packages: tuple[PackageRef, ...]
+
+    @property
+    def folder(self) -> Path:
+        return self.kernel.parent
+
+
+@dataclass(frozen=True)
+class Recipe:
+    name: str
+    folder: Path
+    requests: tuple[tuple[str, str], ...]  # (role, package name) as written
+    modules: tuple[str, ...]
+
+    @staticmethod
+    def load(name: str) -> Recipe:
+        folder = guest_images_dir() / name
+        if not (folder / "packages.txt").is_file():
+            raise ImageError(f"guest image recipe {name!r}: {folder}/packages.txt not found")
+        requests = []
+        for number, line in enumerate(_lines(folder / "packages.txt"), start=1):
+            role, _, package = line.partition(" ")
+            if role not in ("kernel", "package") or not package.strip():
+                raise ImageError(f"{folder / 'packages.txt'}:{number}: expected "
+                                 f"'kernel NAME' or 'package NAME', got {line!r}")
+            requests.append((role, package.strip()))
+        if sum(role == "kernel" for role, _ in requests) != 1:
+            raise ImageError(f"{folder / 'packages.txt'}: needs exactly one 'kernel' line")
+        modules = tuple(_lines(folder / "modules.txt")) if (folder / "modules.txt").exists() else ()
+        return Recipe(name, folder, tuple(requests), modules)
+
+    def input_files(self) -> Iterator[Path]:
+        """Every file whose content goes into the image, for the cache key."""
+        shared = guest_images_dir()
+        for folder in (self.folder, shared / "initramfs", shared / "agent"):
+            yield from sorted(p for p in folder.rglob("*") if p.is_file())
+
+
+def _lines(path: Path) -> Iterator[str]:
+    for raw in path.read_text().splitlines():
+        line = raw.split("#", 1)[0].strip()
+        if line:
+            yield line
+
+
+def _run(argv: list[str], what: str, cwd: Path | None = None) -> str:
+    try:
+        done = subprocess.run(argv, cwd=cwd, capture_output=True, text=True, check=False)
+    except FileNotFoundError as exc:
+        raise ImageError(f"{what}: {argv[0]} is not installed") from exc
+    if done.returncode != 0:
+        detail = (done.stderr or done.stdout).strip().splitlines()
+        raise ImageError(f"{what}: {argv[0]} exited {done.returncode}: "
+                         f"{detail[-1] if detail else 'no output'}")
+    return done.stdout
+
+
+def _apt_show(names: list[str]) -> dict[str, dict[str, str]]:
+    """The candidate version's fields of each package, in one apt-cache call."""
+    text = _run(["apt-cache", "show", "--no-all-versions", *names],
+                f"resolving packages {' '.join(names)}")
+    found: dict[str, dict[str, str]] = {}
+    for stanza in text.split("\n\n"):
+        fields: dict[str, str] = {}
+        for line in stanza.splitlines():
+            key, sep, value = line.partition(": ")
+            if sep and not line.startswith(" "):
+                fields.setdefault(key, value.strip())
+        if "Package" in fields:
+            found.setdefault(fields["Package"], fields)
+    missing = [n for n in names if n not in found]
+    if missing:
+        raise ImageError(f"resolving packages: apt-cache knows no {', '.join(missing)} "
+                         "(run 'apt-get update')")
+    return found
+
+
+def resolve(recipe: Recipe) -> tuple[PackageRef, ...]:
+    """Pin every requested package to the archive's current version and SHA256."""
+    shown = _apt_show([name for _, name in recipe.requests])
+    refs = []
+    for role, name in recipe.requests:
+        fields = shown[name]
+        if role == "kernel" and not name.startswith("linux-image-6") and "Depends" in fields:
+            # A metapackage such as linux-image-cloud-amd64: follow it to the real kernel.
+            real = next((d.strip().split(" ")[0] for d in fields["Depends"].split(",")
+                         if d.strip().startswith("linux-image-")), None)
+            if real is None:
+                raise ImageError(f"kernel package {name}: depends on no linux-image-*")
+            name, fields = real, _apt_show([real])[real]
+        refs.append(PackageRef(role, name, fields["Version"], fields.get("SHA256", "")))
+    return tuple(refs)
+
+
+def image_key(recipe: Recipe, packages: tuple[PackageRef, ...]) -> str:
+    digest = hashlib.sha256(f"builder {BUILDER_VERSION}\n".encode())
+    for ref in packages:
+        digest.update(f"{ref.role} {ref.name} {ref.version} {ref.sha256}\n".encode())
+    base = guest_images_dir()
+    for path in recipe.input_files():
+        digest.update(f"file {path.relative_to(base)} {path.stat().st_mode & 0o111:o}\n".encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:20]
+
+
+def ensure_image(recipe_name: str = "debian-cloud", progress: Progress = _no_progress,
+                 cache: Path | None = None) -> GuestImage:
+    """Return the cached image for the recipe's current inputs, building it if needed."""
+    recipe = Recipe.load(recipe_name)
+    packages = resolve(recipe)
+    key = image_key(recipe, packages)
+    folder = (cache or cache_root()) / "images" / f"{recipe_name}-{key}"
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with open(folder.parent / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # one builder at a time; the next one finds the cache
+        manifest = folder / "manifest.json"
+        if manifest.is_file():
+            progress(f"image {recipe_name}: cached ({folder})")
+            return _from_manifest(manifest)
+        started = time.monotonic()
+        progress(f"image {recipe_name}: building {key} from {len(packages)} Debian packages")
+        with tempfile.TemporaryDirectory(prefix=".build-", dir=folder.parent) as tmp:
+            staging = Path(tmp) / "image"
+            staging.mkdir()
+            _build(recipe, packages, key, Path(tmp), staging, progress)
+            os.rename(staging, folder)  # atomic: a cache entry is complete or absent
+        progress(f"image {recipe_name}: built in {time.monotonic() - started:.1f} s ({folder})")
+        return _from_manifest(manifest)
+
+
+def _from_manifest(path: Path) -> GuestImage:
+    data = json.loads(path.read_text())
+    return GuestImage(key=data["key"], recipe=data["recipe"], kernel=path.parent / "vmlinuz",
+                      initrd=path.parent / "initrd.cpio", kernel_release=data["kernel_release"],
+                      packages=tuple(PackageRef(**p) for p in data["packages"]))
+
+
+def _build(recipe: Recipe, packages: tuple[PackageRef, ...], key: str, tmp: Path,
+           out: Path, progress: Progress) -> None:
+    debs = tmp / "debs"
+    debs.mkdir()
+    progress(f"  downloading {', '.join(p.name for p in packages)}")
+    _run(["apt-get", "download", "-q", "-o", "APT::Sandbox::User=root",
+          *(f"{p.name}={p.version}" for p in packages)], "downloading packages", cwd=debs)
+    trees: dict[str, Path] = {}
+    for ref in packages:
+        (deb,) = debs.glob(f"{ref.name}_*.deb")
+        if ref.sha256 and hashlib.sha256(deb.read_bytes()).hexdigest() != ref.sha256:
+            raise ImageError(f"{deb.name}: SHA256 differs from the archive index")
+        tree = tmp / "x" / ref.name
+        tree.mkdir(parents=True)
+        progress(f"  extracting {deb.name}")
+        _run(["dpkg-deb", "-x", str(deb), str(tree)], f"extracting {deb.name}")
+        trees[ref.name] = tree
+    kernel_ref = next(p for p in packages if p.role == "kernel")
+    kernel_tree = trees.pop(kernel_ref.name)
+    (vmlinuz,) = (kernel_tree / "boot").glob("vmlinuz-*")
+    release = vmlinuz.name.removeprefix("vmlinuz-")
+    entries = _base_entries(trees)
+    entries += _module_entries(kernel_tree, release, recipe.modules, progress)
+    progress(f"  writing initramfs ({len(entries)} entries)")
+    with open(out / "initrd.cpio", "wb") as fh:
+        write_newc(fh, entries)
+    shutil.copyfile(vmlinuz, out / "vmlinuz")
+    manifest = {"key": key, "recipe": recipe.name, "kernel_release": release,
+                "builder": BUILDER_VERSION, "packages": [dataclasses.asdict(p) for p in packages]}
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+
+
+def _tree_entries(tree: Path) -> list[Entry]:
+    entries = []
+    for path in sorted(tree.rglob("*")):
+        rel = path.relative_to(tree).as_posix()
+        if rel.startswith(_SKIP_PREFIXES) and rel not in _KEEP_PROGRAMS:
+            continue
+        info = path.lstat()
+        if stat.S_ISLNK(info.st_mode):
+            entries.append(Entry.symlink(rel, os.readlink(path)))
+        elif stat.S_ISREG(info.st_mode):
+            entries.append(Entry.file(rel, path.read_bytes(), stat.S_IMODE(info.st_mode)))
+    return entries
+
+
+def _base_entries(trees: dict[str, Path]) -> list[Entry]:
+    shared = guest_images_dir()
+    entries = [Entry.directory(d) for d in (
+        "bin", "sbin", "usr", "usr/bin", "usr/sbin", "lib", "lib64", "etc", "etc/harness",
+        "proc", "sys", "dev", "tmp", "run", "root", "var", "var/log", "lib/modules")]
+    entries.append(Entry.char_device("dev/console", 5, 1))
+    entries.append(Entry.char_device("dev/null", 1, 3, 0o666))
+    for tree in trees.values():
+        entries += _tree_entries(tree)
+    busybox = trees["busybox-static"] / "bin" / "busybox"
+    taken = {e.path for e in entries}
+    for applet in _run([str(busybox), "--list-full"], "listing busybox applets").split():
+        if applet not in taken and applet != "linuxrc":
+            entries.append(Entry.symlink(applet, "/bin/busybox"))
+            taken.add(applet)
+    entries.append(Entry.file("init", (shared / "initramfs" / "init").read_bytes(), 0o755))
+    for name in ("inittab", "passwd", "shells"):
+        entries.append(Entry.file(f"etc/{name}", (shared / "initramfs" / name).read_bytes()))
+    entries.append(Entry.file("etc/group", b"root:x:0:\n"))
+    entries.append(Entry.file("usr/bin/harness-agent",
+                              (shared / "agent" / "harness-agent").read_bytes(), 0o755))
+    # Directories implied by files must exist in the archive before their members.
+    dirs = {str(Path(e.path).parent) for e in entries} - {"."} - {e.path for e in entries}
+    for d in sorted(dirs):
+        parts = Path(d).parts
+        for i in range(1, len(parts) + 1):
+            sub = "/".join(parts[:i])
+            if sub not in taken:
+                entries.append(Entry.directory(sub))
+                taken.add(sub)
+    return entries
+
+
+def _module_entries(kernel_tree: Path, release: str, wanted: tuple[str, ...],
+                    progress: Progress) -> list[Entry]:
+    """The wanted modules and their dependencies, plus a load order for /init."""
+    moddir = kernel_tree / "lib" / "modules" / release
+    _run(["depmod", "-b", str(kernel_tree), release], "running depmod")
+    deps: dict[str, list[str]] = {}
+    by_name: dict[str, str] = {}
+    for line in (moddir / "modules.dep").read_text().splitlines():
+        path, _, rest = line.partition(":")
+        deps[path] = rest.split()
+        by_name[Path(path).name.split(".ko")[0].replace("-", "_")] = path
+    order: list[str] = []
+
+    def visit(path: str) -> None:
+        if path in order:
+            return
+        for dep in deps.get(path, []):
+            visit(dep)
+        order.append(path)
+
+    for name in wanted:
+        path = by_name.get(name.replace("-", "_"))
+        if path is None:
+            raise ImageError(f"kernel {release} has no module {name!r} "
+                             "(built in, or not configured?)")
+        visit(path)
+    progress(f"  {len(order)} kernel modules: {' '.join(Path(p).stem for p in order)}")
+    entries = [Entry.file(f"lib/modules/{Path(p).name}", (moddir / p).read_bytes())
+               for p in order]
+    entries.append(Entry.file("etc/harness/modules",
+                              "".join(f"{Path(p).name}\n" for p in order).encode()))
+    return entries

@@ -1,0 +1,206 @@
+"""One QEMU process: launch, QMP, console, and a shutdown that always finishes.
+
+QEMU runs in its own process group under ``setpriv --pdeathsig KILL``, so it dies with the
+harness even when the harness is SIGKILLed; QMP and the serial console are socketpairs, so no
+socket exists on the filesystem.  Shutdown is a ladder (QMP quit, SIGTERM, SIGKILL to the
+group), idempotent, and run from ``__exit__`` on every path.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import os
+import re
+import shlex
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+from types import TracebackType
+
+from harness.errors import HarnessError, LaunchError, StateError
+from harness.qemu.console import Console
+from harness.qemu.qmp import QmpChannel, QmpError
+
+log = logging.getLogger(__name__)
+
+ArgvFactory = Callable[[int, int], list[str]]  # (qmp_fd, console_fd) -> argv
+
+
+class MachineState(enum.Enum):
+    CREATED = "created"
+    LAUNCHING = "launching"
+    RUNNING = "running"
+    STOPPING = "stopping"
+    STOPPED = "stopped"
+
+
+class Machine:
+    """A QEMU process and its channels.  Use as a context manager."""
+
+    def __init__(self, name: str, argv_factory: ArgvFactory, run_dir: Path,
+                 qmp_timeout: float = 15.0) -> None:
+        self.name = name
+        self.run_dir = run_dir
+        self._argv_factory = argv_factory
+        self._qmp_timeout = qmp_timeout
+        self.state = MachineState.CREATED
+        self.argv: list[str] = []
+        self.console: Console | None = None
+        self.qmp: QmpChannel | None = None
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._log = log.getChild(name)
+        self.launched_at: float | None = None
+        self.qmp_ready_at: float | None = None
+        self.exit_code: int | None = None
+
+    def __repr__(self) -> str:
+        pid = self._proc.pid if self._proc else None
+        return f"<Machine {self.name} {self.state.value} pid={pid}>"
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc else None
+
+    @property
+    def log_path(self) -> Path:
+        return self.run_dir / f"{self.name}.qemu.log"
+
+    @property
+    def console_path(self) -> Path:
+        return self.run_dir / f"{self.name}.console.log"
+
+    def _require(self, *states: MachineState) -> None:
+        if self.state not in states:
+            raise StateError(f"{self.name}: not allowed while {self.state.value}")
+
+    # --- launch ------------------------------------------------------------------------------
+
+    def launch(self) -> None:
+        self._require(MachineState.CREATED)
+        self.state = MachineState.LAUNCHING
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        qmp_ours, qmp_theirs = socket.socketpair()
+        con_ours, con_theirs = socket.socketpair()
+        try:
+            self.argv = self._argv_factory(qmp_theirs.fileno(), con_theirs.fileno())
+            (self.run_dir / f"{self.name}.argv").write_text(shlex.join(self.argv) + "\n")
+            self._log.info("launching: %s", shlex.join(self.argv))
+            with open(self.log_path, "wb") as out:
+                try:
+                    self._proc = subprocess.Popen(  # noqa: S603 - argv list, no shell
+                        ["setpriv", "--pdeathsig", "KILL", "--", *self.argv],
+                        pass_fds=(qmp_theirs.fileno(), con_theirs.fileno()),
+                        stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                        process_group=0)
+                except OSError as exc:
+                    raise LaunchError(self.name, f"cannot start {self.argv[0]}: "
+                                      f"{exc.strerror}", self.argv) from exc
+            self.launched_at = time.monotonic()
+            qmp_theirs.close()
+            con_theirs.close()
+            self.console = Console(self.name, con_ours, self.console_path)
+            self.qmp = QmpChannel(self.name, self._log)
+            try:
+                self.qmp.connect(qmp_ours, self._qmp_timeout)
+            except QmpError as exc:
+                raise self._launch_failure("QEMU did not answer on QMP") from exc
+            self.qmp_ready_at = time.monotonic()
+            self.state = MachineState.RUNNING
+        except BaseException:
+            qmp_theirs.close()
+            con_theirs.close()
+            if self.console is None:
+                con_ours.close()
+            if self.qmp is None:
+                qmp_ours.close()
+            self._teardown(grace=0.0)
+            raise
+
+    def _launch_failure(self, reason: str) -> LaunchError:
+        code = None
+        if self._proc is not None:
+            try:
+                code = self._proc.wait(2.0)
+            except subprocess.TimeoutExpired:
+                code = None
+        output = self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+        first = next((ln for ln in output.splitlines() if ln.strip()), "")
+        detail = f"{reason}; exit code {code}" if code is not None else reason
+        if first:
+            detail += f": {first.strip()}"
+        return LaunchError(self.name, detail, self.argv, code, output)
+
+    # --- while running -----------------------------------------------------------------------
+
+    def ssh_port(self) -> int:
+        """The host port slirp chose for the forward to the guest's port 22."""
+        self._require(MachineState.RUNNING)
+        assert self.qmp is not None
+        text = self.qmp.hmp("info usernet")
+        match = re.search(r"TCP\[HOST_FORWARD\]\s+\d+\s+127\.0\.0\.1\s+(\d+)\s+\S+\s+22\b", text)
+        if not match:
+            raise LaunchError(self.name, "no SSH port forward in 'info usernet'", self.argv,
+                              None, text)
+        return int(match.group(1))
+
+    def is_alive(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    def wait_exit(self, timeout: float) -> int:
+        """Wait for QEMU to exit by itself (a guest that powers off)."""
+        self._require(MachineState.RUNNING, MachineState.LAUNCHING)
+        assert self._proc is not None
+        try:
+            self.exit_code = self._proc.wait(timeout)
+        except subprocess.TimeoutExpired as exc:
+            raise LaunchError(self.name, f"still running after {timeout:.0f} s",
+                              self.argv) from exc
+        return self.exit_code
+
+    # --- teardown ----------------------------------------------------------------------------
+
+    def shutdown(self, timeout: float = 10.0) -> None:
+        """QMP quit, then SIGTERM, then SIGKILL to QEMU's process group; always finishes."""
+        if self.state in (MachineState.STOPPED, MachineState.CREATED):
+            self.state = MachineState.STOPPED
+            return
+        self.state = MachineState.STOPPING
+        self._teardown(grace=timeout)
+
+    def _teardown(self, grace: float) -> None:
+        proc = self._proc
+        if proc is not None and proc.poll() is None and self.qmp is not None and grace > 0:
+            try:
+                self.qmp.execute("quit", timeout=min(grace, 3.0))
+            except HarnessError as exc:
+                self._log.debug("quit: %s", exc)
+        if proc is not None:
+            for sig, wait in ((None, grace / 2), (signal.SIGTERM, grace / 2),
+                              (signal.SIGKILL, 5.0)):
+                if sig is not None:
+                    self._log.debug("sending %s to process group %d", sig.name, proc.pid)
+                    try:
+                        os.killpg(proc.pid, sig)
+                    except ProcessLookupError:
+                        pass
+                try:
+                    self.exit_code = proc.wait(wait)
+                    break
+                except subprocess.TimeoutExpired:
+                    continue
+        if self.qmp is not None:
+            self.qmp.close()
+        if self.console is not None:
+            self.console.close()
+        self.state = MachineState.STOPPED
+
+    def __enter__(self) -> Machine:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.shutdown()

@@ -1,0 +1,134 @@
+"""The delivery path of each vector, decided from evidence only, and checked against expectations.
+
+The inputs are what was measured (guest delta, host delta of the matching vfio vector, the
+bypass wiring the tracker saw), never which QEMU option was set; a verdict keeps them all so a
+failed nightly run explains itself.  The rules follow the table in ARCHITECTURE.md.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from harness.config.model import DeliveryPath, Expectation
+
+# Host/guest ratio bands.  A bounce raises the host count once per guest interrupt (sampling
+# while the guest runs can lose a few at either end); posting leaves the host count alone.
+BOUNCE_MIN_RATIO = 0.5
+POSTED_MAX_RATIO = 0.1
+
+
+@dataclass(frozen=True)
+class Wiring:
+    """What the bypass tracker saw for one assigned vector (see harness.bypass)."""
+
+    producer: bool
+    consumer: bool
+    connected: bool
+    posted: bool = False
+    detail: str = ""
+
+
+@dataclass(frozen=True)
+class VectorVerdict:
+    vm: str
+    device: str
+    bdf: str
+    entry: int | None
+    name: str  # the guest's IRQ action name, e.g. virtio0-input.0
+    irq: str  # the guest IRQ number (label)
+    guest_delta: int
+    host_delta: int | None
+    wiring: Wiring | None
+    path: DeliveryPath | None  # None: the evidence does not fit any path
+    reason: str
+    per_cpu: tuple[int, ...] = ()
+
+    @property
+    def label(self) -> str:
+        entry = f"#{self.entry}" if self.entry is not None else ""
+        return f"{self.vm}/{self.device}{entry} {self.name}"
+
+
+def classify(emulated: bool, guest_delta: int, host_delta: int | None,
+             wiring: Wiring | None) -> tuple[DeliveryPath | None, str]:
+    """The delivery path the evidence shows, and why; None when it fits no path."""
+    if guest_delta <= 0:
+        return DeliveryPath.NOT_DELIVERED, "the guest's count did not rise"
+    if emulated:
+        return DeliveryPath.EMULATED, (f"emulated device: the VMM raised {guest_delta} "
+                                       "interrupts, no host device IRQ is involved")
+    if host_delta is None:
+        return None, "assigned device, but its host vfio vector was not found to compare"
+    if wiring is None:
+        return None, "assigned device, but no bypass wiring was observed for this vector"
+    ratio = host_delta / guest_delta
+    numbers = f"host {host_delta} / guest {guest_delta} = {ratio:.2f}"
+    if wiring.posted and ratio <= POSTED_MAX_RATIO:
+        return DeliveryPath.POSTED, f"IRTE posted and the host did not see the IRQs ({numbers})"
+    if ratio < BOUNCE_MIN_RATIO:
+        return None, (f"the host saw too few IRQs for a bounce ({numbers}) and the IRTE "
+                      f"is not posted{': ' + wiring.detail if wiring.detail else ''}")
+    if wiring.connected:
+        return DeliveryPath.IRQFD_BOUNCE, (f"producer connected to a KVM irqfd consumer, "
+                                           f"every IRQ went through the host ({numbers})")
+    if wiring.producer and not wiring.consumer:
+        return DeliveryPath.USERSPACE_BOUNCE, (f"producer without a KVM consumer: QEMU "
+                                               f"relays each IRQ ({numbers})")
+    return None, (f"host saw the IRQs ({numbers}) but the wiring is inconsistent: "
+                  f"producer={wiring.producer} consumer={wiring.consumer} "
+                  f"connected={wiring.connected}")
+
+
+@dataclass(frozen=True)
+class ExpectationResult:
+    expectation: Expectation
+    passed: bool
+    message: str
+    vectors: tuple[VectorVerdict, ...] = field(default=())
+
+
+def _selected(expectation: Expectation,
+              verdicts: Sequence[VectorVerdict]) -> tuple[list[VectorVerdict], list[str]]:
+    mine = [v for v in verdicts if v.vm == expectation.vm and v.device == expectation.device]
+    if not expectation.vectors:
+        return [v for v in mine if v.guest_delta > 0], []
+    chosen: list[VectorVerdict] = []
+    unmatched = []
+    for pattern in expectation.vectors:
+        if pattern.isdigit():
+            hits = [v for v in mine if v.entry == int(pattern)]
+        else:
+            hits = [v for v in mine if fnmatch.fnmatchcase(v.name, pattern)]
+        if not hits:
+            unmatched.append(pattern)
+        chosen += [v for v in hits if v not in chosen]
+    return chosen, unmatched
+
+
+def check(expectation: Expectation, verdicts: Sequence[VectorVerdict]) -> ExpectationResult:
+    what = f"{expectation.vm}/{expectation.device} expects {expectation.path.value}"
+    chosen, unmatched = _selected(expectation, verdicts)
+    if unmatched:
+        names = sorted({v.name for v in verdicts
+                        if v.vm == expectation.vm and v.device == expectation.device})
+        return ExpectationResult(expectation, False, f"{what}: no vector matches "
+                                 f"{', '.join(unmatched)} (the guest has: "
+                                 f"{', '.join(names) or 'none'})", tuple(chosen))
+    if not chosen:
+        return ExpectationResult(expectation, False,
+                                 f"{what}: no vector of the device fired", ())
+    problems = []
+    for v in chosen:
+        if v.guest_delta < expectation.min_delta:
+            problems.append(f"{v.name}: {v.guest_delta} interrupts < {expectation.min_delta}")
+        elif v.path != expectation.path:
+            shown = v.path.value if v.path else "no path"
+            problems.append(f"{v.name}: {shown} ({v.reason})")
+    if problems:
+        return ExpectationResult(expectation, False, f"{what}: " + "; ".join(problems),
+                                 tuple(chosen))
+    total = sum(v.guest_delta for v in chosen)
+    return ExpectationResult(expectation, True, f"{what}: {len(chosen)} vector(s), "
+                             f"{total} interrupts", tuple(chosen))
