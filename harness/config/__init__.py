@@ -1,0 +1,53 @@
+"""Scenario files: YAML read once, at the edge, into frozen dataclasses; and their JSON Schema.
+
+``load_scenario`` is the only way in; anything it returns has passed every check, and anything
+wrong comes out as one :class:`~harness.errors.ConfigError` reading ``file:line: key.path: reason``.
+"""
+
+from harness.config.loader import load_scenario, load_scenario_text
+from harness.config.model import (
+    EMULATED_KINDS,
+    VM,
+    Accel,
+    BuiltinImage,
+    CloudImage,
+    DeliveryPath,
+    Device,
+    E1000e,
+    Expectation,
+    Image,
+    IvshmemDoorbell,
+    KernelImage,
+    Scenario,
+    Timeouts,
+    VfioPci,
+    VirtioBlk,
+    VirtioNet,
+    Workload,
+)
+from harness.config.schema import scenario_json_schema, scenario_json_schema_text
+
+__all__ = [
+    "EMULATED_KINDS",
+    "VM",
+    "Accel",
+    "BuiltinImage",
+    "CloudImage",
+    "DeliveryPath",
+    "Device",
+    "E1000e",
+    "Expectation",
+    "Image",
+    "IvshmemDoorbell",
+    "KernelImage",
+    "Scenario",
+    "Timeouts",
+    "VfioPci",
+    "VirtioBlk",
+    "VirtioNet",
+    "Workload",
+    "load_scenario",
+    "load_scenario_text",
+    "scenario_json_schema",
+    "scenario_json_schema_text",
+]

@@ -39,11 +39,15 @@ class DeliveryPath(enum.StrEnum):
 # root bus (pcie.0 on q35); when omitted the harness assigns slots from 0x03 upward in order,
 # so a device's PCI address, and with it every vector's identity, is known before boot.
 
+# QEMU's rule for ids (id_wellformed); anything else, a comma above all, breaks -device options.
+DEVICE_ID = r"^[A-Za-z][A-Za-z0-9._-]*$"
+
 
 @dataclass(frozen=True)
 class VirtioNet:
     kind: Literal["virtio-net"]
-    id: str = field(metadata=doc("device id, unique in the VM; used by expectations"))
+    id: str = field(metadata=doc("device id, unique in the VM; used by expectations",
+                                  pattern=DEVICE_ID))
     addr: int | None = field(default=None, metadata=doc("PCI slot on the root bus"))
     ssh: bool = field(default=True, metadata=doc(
         "forward the guest's SSH port over this NIC (user-mode network, 127.0.0.1 only)"))
@@ -54,7 +58,7 @@ class VirtioNet:
 @dataclass(frozen=True)
 class E1000e:
     kind: Literal["e1000e"]
-    id: str = field(metadata=doc("device id, unique in the VM"))
+    id: str = field(metadata=doc("device id, unique in the VM", pattern=DEVICE_ID))
     addr: int | None = field(default=None, metadata=doc("PCI slot on the root bus"))
     ssh: bool = field(default=False, metadata=doc("forward the guest's SSH port over this NIC"))
 
@@ -62,7 +66,7 @@ class E1000e:
 @dataclass(frozen=True)
 class VirtioBlk:
     kind: Literal["virtio-blk"]
-    id: str = field(metadata=doc("device id, unique in the VM"))
+    id: str = field(metadata=doc("device id, unique in the VM", pattern=DEVICE_ID))
     addr: int | None = field(default=None, metadata=doc("PCI slot on the root bus"))
     size_mib: int = field(default=8, metadata=doc("size of the scratch disk (a sparse raw file)",
                                                   minimum=1, maximum=65536))
@@ -71,7 +75,7 @@ class VirtioBlk:
 @dataclass(frozen=True)
 class IvshmemDoorbell:
     kind: Literal["ivshmem-doorbell"]
-    id: str = field(metadata=doc("device id, unique in the VM"))
+    id: str = field(metadata=doc("device id, unique in the VM", pattern=DEVICE_ID))
     addr: int | None = field(default=None, metadata=doc("PCI slot on the root bus"))
     vectors: int = field(default=2, metadata=doc("MSI-X vectors", minimum=1, maximum=64))
     size_mib: int = field(default=1, metadata=doc("shared memory size", minimum=1,
@@ -81,7 +85,7 @@ class IvshmemDoorbell:
 @dataclass(frozen=True)
 class VfioPci:
     kind: Literal["vfio-pci"]
-    id: str = field(metadata=doc("device id, unique in the VM"))
+    id: str = field(metadata=doc("device id, unique in the VM", pattern=DEVICE_ID))
     host: str = field(metadata=doc("host PCI address, e.g. 0000:00:05.0",
                                    pattern=r"^[0-9a-fA-F]{4}:[0-9a-fA-F]{2}:[0-9a-fA-F]{2}\.[0-7]$"))
     addr: int | None = field(default=None, metadata=doc("PCI slot on the guest's root bus"))
@@ -153,7 +157,7 @@ class VM:
 @dataclass(frozen=True)
 class Workload:
     vm: str = field(metadata=doc("VM that runs it"))
-    run: tuple[str, ...] = field(metadata=doc("argv run in the guest over SSH"))
+    run: tuple[str, ...] = field(metadata=doc("argv run in the guest over SSH", minItems=1))
     name: str = field(default="", metadata=doc("label in reports (default: the argv)"))
     timeout_s: float = field(default=60.0, metadata=doc("time limit", exclusiveMinimum=0))
 
@@ -167,7 +171,8 @@ class Expectation:
         "vectors to check: guest IRQ names as shell patterns (\"*-input.*\") or MSI-X entry "
         "numbers (\"1\"); empty = the device's vectors that fired, at least one"))
     min_delta: int = field(default=1, metadata=doc(
-        "each selected vector must deliver at least this many interrupts", minimum=0))
+        "each named vector must deliver at least this many interrupts; with no vectors "
+        "named, the device's vectors together", minimum=0))
 
 
 @dataclass(frozen=True)

@@ -43,6 +43,7 @@ class QmpChannel:
                                         name=f"qmp-{name}", daemon=True)
         self._thread.start()
         self._client = QMPClient(name)
+        self._pump: concurrent.futures.Future[None] | None = None
         self.events: list[dict[str, Any]] = []
 
     def __repr__(self) -> str:
@@ -61,15 +62,12 @@ class QmpChannel:
             self._call(self._client.connect(sock), timeout)
         except (ConnectError, OSError, concurrent.futures.TimeoutError) as exc:
             raise QmpError("connect", f"no QMP greeting: {exc}") from exc
-        self._call(self._start_event_log(), timeout)
+        self._pump = asyncio.run_coroutine_threadsafe(self._pump_events(), self._loop)
 
-    async def _start_event_log(self) -> None:
-        async def pump() -> None:
-            async for event in self._client.events:
-                self.events.append(dict(event))
-                self._log.debug("QMP event %s", event.get("event"))
-
-        asyncio.get_running_loop().create_task(pump())
+    async def _pump_events(self) -> None:
+        async for event in self._client.events:
+            self.events.append(dict(event))
+            self._log.debug("QMP event %s", event.get("event"))
 
     def execute(self, command: str, arguments: dict[str, Any] | None = None,
                 timeout: float = 10.0) -> Any:
@@ -97,6 +95,12 @@ class QmpChannel:
             self._call(self._client.disconnect(), 5.0)
         except Exception as exc:  # noqa: BLE001 - teardown must go on; the cause is logged
             self._log.debug("QMP disconnect: %s", exc)
+        if self._pump is not None:
+            self._pump.cancel()
+            try:
+                self._pump.result(2.0)
+            except (concurrent.futures.CancelledError, concurrent.futures.TimeoutError):
+                pass
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(5.0)
         if not self._thread.is_alive():

@@ -1,0 +1,245 @@
+"""The ``harness`` command: argv -> a typed request -> a library call -> an exit code.
+
+This is the only module that prints or exits.  Exit codes: 0 passed, 1 a run failed its
+expectations or workloads, 2 bad input (config, usage), 3 the host cannot do it, 4 the guest or
+QEMU failed, 130 interrupted.  Errors are one line on stderr, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from types import FrameType
+
+from harness.errors import HarnessError, UsageError
+
+
+@dataclass(frozen=True)
+class RunRequest:
+    scenario: Path
+    out: Path | None
+    verbose: bool
+
+
+@dataclass(frozen=True)
+class ValidateRequest:
+    files: tuple[Path, ...]
+
+
+@dataclass(frozen=True)
+class SchemaRequest:
+    pass
+
+
+@dataclass(frozen=True)
+class IrqDiffRequest:
+    before: Path
+    after: Path
+    as_json: bool
+    all_rows: bool
+
+
+@dataclass(frozen=True)
+class ImageBuildRequest:
+    recipe: str
+
+
+@dataclass(frozen=True)
+class BenchRequest:
+    scenario: Path
+    out: Path | None
+    repeat: int
+
+
+Request = (RunRequest | ValidateRequest | SchemaRequest | IrqDiffRequest | ImageBuildRequest
+           | BenchRequest)
+
+
+def _progress(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def _run_dir(out: Path | None, name: str) -> Path:
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    base = out if out is not None else Path("runs")
+    path = base / f"{name}-{stamp}"
+    suffix = 1
+    while path.exists():
+        suffix += 1
+        path = base / f"{name}-{stamp}-{suffix}"
+    return path
+
+
+def handle_run(req: RunRequest) -> int:
+    from harness.config import load_scenario
+    from harness.report.json_report import write_json
+    from harness.report.junit import write_junit
+    from harness.report.summary import format_summary
+    from harness.runner import run_scenario
+
+    scenario = load_scenario(req.scenario)
+    run_dir = _run_dir(req.out, scenario.name)
+    _progress(f"scenario {scenario.name}: run folder {run_dir}")
+    result = run_scenario(scenario, str(req.scenario), run_dir, _progress)
+    report = write_json(result, run_dir / "report.json")
+    write_junit(result, run_dir / "junit.xml")
+    print(format_summary(result))
+    print(f"report: {report}")
+    if result.error is not None:
+        return result.error.exit_code
+    return 0 if result.passed else 1
+
+
+def handle_validate(req: ValidateRequest) -> int:
+    from harness.config import load_scenario
+
+    for path in req.files:
+        scenario = load_scenario(path)
+        print(f"{path}: ok ({scenario.name}: {len(scenario.vms)} VM(s), "
+              f"{len(scenario.workloads)} workload(s), {len(scenario.expect)} expectation(s))")
+    return 0
+
+
+def handle_schema(req: SchemaRequest) -> int:
+    from harness.config import scenario_json_schema
+
+    print(json.dumps(scenario_json_schema(), indent=2, sort_keys=True))
+    return 0
+
+
+def _read(path: Path) -> str:
+    try:
+        return path.read_text()
+    except OSError as exc:
+        raise UsageError(f"{path}: {exc.strerror}") from exc
+
+
+def handle_irq_diff(req: IrqDiffRequest) -> int:
+    from harness.interrupts import format_table, parse_proc_interrupts
+
+    before = parse_proc_interrupts(_read(req.before), source=str(req.before))
+    after = parse_proc_interrupts(_read(req.after), source=str(req.after))
+    delta = before.delta(after)
+    if req.as_json:
+        print(json.dumps(delta.to_dict(), indent=2))
+    else:
+        print(format_table(delta, changed_only=not req.all_rows))
+    return 0
+
+
+def handle_image_build(req: ImageBuildRequest) -> int:
+    from harness.images.builder import ensure_image
+
+    image = ensure_image(req.recipe, progress=_progress)
+    print(f"kernel {image.kernel}\ninitrd {image.initrd}\nrelease {image.kernel_release}")
+    return 0
+
+
+def handle_bench(req: BenchRequest) -> int:
+    from harness.bench import format_bench, run_bench
+    from harness.config import load_scenario
+
+    scenario = load_scenario(req.scenario)
+    bench = run_bench(scenario, str(req.scenario), _run_dir(req.out, f"bench-{scenario.name}"),
+                      req.repeat, _progress)
+    print(format_bench(bench))
+    return 0 if bench.all_passed else 1
+
+
+HANDLERS: dict[type, Callable[..., int]] = {
+    RunRequest: handle_run, ValidateRequest: handle_validate, SchemaRequest: handle_schema,
+    IrqDiffRequest: handle_irq_diff, ImageBuildRequest: handle_image_build,
+    BenchRequest: handle_bench,
+}
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise UsageError(f"{self.prog}: {message}")
+
+
+def parse_args(argv: Sequence[str]) -> tuple[Request, bool]:
+    parser = _Parser(prog="harness", description=__doc__.splitlines()[0] if __doc__ else "")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging to stderr")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    p = sub.add_parser("run", help="run a scenario and report per-vector verdicts")
+    p.add_argument("scenario", type=Path)
+    p.add_argument("--out", type=Path, help="parent folder of the run folder (default ./runs)")
+
+    p = sub.add_parser("validate", help="check scenario files without running them")
+    p.add_argument("files", type=Path, nargs="+")
+
+    sub.add_parser("schema", help="print the scenario format's JSON Schema")
+
+    irq = sub.add_parser("irq", help="/proc/interrupts tools")
+    irq_sub = irq.add_subparsers(dest="irq_command", required=True, parser_class=_Parser)
+    p = irq_sub.add_parser("diff", help="per-vector deltas between two saved captures")
+    p.add_argument("before", type=Path)
+    p.add_argument("after", type=Path)
+    p.add_argument("--json", action="store_true", dest="as_json")
+    p.add_argument("--all", action="store_true", dest="all_rows", help="also unchanged rows")
+
+    image = sub.add_parser("image", help="guest images")
+    image_sub = image.add_subparsers(dest="image_command", required=True, parser_class=_Parser)
+    p = image_sub.add_parser("build", help="build (or find cached) a guest image")
+    p.add_argument("recipe", nargs="?", default="debian-cloud")
+
+    p = sub.add_parser("bench", help="time each phase of a scenario against a bare kernel boot")
+    p.add_argument("scenario", type=Path)
+    p.add_argument("--out", type=Path)
+    p.add_argument("--repeat", type=int, default=1)
+
+    ns = parser.parse_args(list(argv))
+    request: Request
+    if ns.command == "run":
+        request = RunRequest(ns.scenario, ns.out, ns.verbose)
+    elif ns.command == "validate":
+        request = ValidateRequest(tuple(ns.files))
+    elif ns.command == "schema":
+        request = SchemaRequest()
+    elif ns.command == "irq":
+        request = IrqDiffRequest(ns.before, ns.after, ns.as_json, ns.all_rows)
+    elif ns.command == "image":
+        request = ImageBuildRequest(ns.recipe)
+    else:
+        if ns.repeat < 1:
+            raise UsageError("harness bench: --repeat must be at least 1")
+        request = BenchRequest(ns.scenario, ns.out, ns.repeat)
+    return request, ns.verbose
+
+
+def _terminate(signum: int, frame: FrameType | None) -> None:
+    # SIGTERM (CI cancelling a job) unwinds like Ctrl-C, so every teardown runs.
+    raise KeyboardInterrupt
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    signal.signal(signal.SIGTERM, _terminate)
+    try:
+        request, verbose = parse_args(sys.argv[1:] if argv is None else argv)
+        logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING,
+                            format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
+        if not verbose:
+            logging.getLogger("paramiko").setLevel(logging.CRITICAL)
+        return HANDLERS[type(request)](request)
+    except HarnessError as exc:
+        print(f"harness: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("harness: interrupted; everything started was torn down", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

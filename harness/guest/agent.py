@@ -1,0 +1,84 @@
+"""The host side of the guest agent protocol (guest-images/agent/harness-agent).
+
+The agent prints one JSON object per command.  The raw ``/proc/interrupts`` text travels
+unparsed so host and guest captures go through the one parser in :mod:`harness.interrupts`.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from harness.errors import GuestError
+from harness.guest.ssh import GuestSSH
+from harness.interrupts import InterruptSnapshot, parse_proc_interrupts
+
+AGENT = "harness-agent"
+PROTOCOL = 1
+
+
+@dataclass(frozen=True)
+class PciFunction:
+    bdf: str
+    vendor: str
+    device: str
+    driver: str
+    msi_irqs: tuple[tuple[str, str], ...]  # (IRQ number, "msi" | "msix")
+
+
+@dataclass(frozen=True)
+class GuestSnapshot:
+    taken_at: float  # host time.monotonic() when the answer arrived
+    uptime: float
+    kernel: str
+    interrupts: InterruptSnapshot
+    devices: tuple[PciFunction, ...]
+    raw_interrupts: str
+
+    def device(self, bdf: str) -> PciFunction | None:
+        return next((d for d in self.devices if d.bdf == bdf), None)
+
+
+class GuestAgent:
+    def __init__(self, ssh: GuestSSH, timeout: float = 30.0) -> None:
+        self._ssh = ssh
+        self._timeout = timeout
+
+    def _call(self, *args: str) -> dict[str, Any]:
+        result = self._ssh.run([AGENT, *args], self._timeout)
+        if result.exit_status != 0:
+            raise GuestError(self._ssh.name, f"{AGENT} {' '.join(args)} exited "
+                             f"{result.exit_status}: {result.stderr.strip()[-300:]}")
+        try:
+            data = json.loads(result.stdout)
+        except ValueError as exc:
+            raise GuestError(self._ssh.name, f"{AGENT} {' '.join(args)}: not JSON: "
+                             f"{result.stdout[:200]!r}") from exc
+        if not isinstance(data, dict):
+            raise GuestError(self._ssh.name, f"{AGENT}: expected a JSON object")
+        return data
+
+    def check_version(self) -> None:
+        data = self._call("version")
+        if data.get("protocol") != PROTOCOL:
+            raise GuestError(self._ssh.name, f"{AGENT} speaks protocol "
+                             f"{data.get('protocol')!r}, the harness speaks {PROTOCOL}")
+
+    def snapshot(self) -> GuestSnapshot:
+        data = self._call("snapshot")
+        taken = time.monotonic()
+        try:
+            raw = str(data["interrupts"])
+            devices = tuple(
+                PciFunction(str(d["bdf"]), str(d["vendor"]), str(d["device"]),
+                            str(d["driver"]),
+                            tuple(sorted((str(k), str(v)) for k, v in d["msi_irqs"].items())))
+                for d in data["devices"])
+            return GuestSnapshot(taken, float(data["uptime"]), str(data["kernel"]),
+                                 parse_proc_interrupts(raw, source=f"{self._ssh.name}:guest"),
+                                 devices, raw)
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise GuestError(self._ssh.name, f"{AGENT} snapshot: malformed answer: "
+                             f"{exc}") from exc

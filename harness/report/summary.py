@@ -1,0 +1,54 @@
+"""The human summary: a per-vector table, the expectations, and the phase timings."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from harness.runner import RunResult
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    cells = [[str(c) for c in headers]] + [[str(c) for c in row] for row in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
+             for r in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def format_summary(result: RunResult) -> str:
+    out = [f"scenario {result.scenario.name}  ({result.run_dir})"]
+    for vm in result.vms:
+        out.append(f"  {vm.name}: {vm.accel} - {vm.accel_reason}; kernel {vm.kernel_release}")
+    if result.verdicts:
+        out.append("")
+        out.append(table(
+            ["vm", "device", "bdf", "entry", "vector", "irq", "guest delta", "host delta",
+             "path"],
+            [[v.vm, v.device, v.bdf, "-" if v.entry is None else v.entry, v.name, v.irq,
+              v.guest_delta, "-" if v.host_delta is None else v.host_delta,
+              v.path.value if v.path else "?"] for v in result.verdicts]))
+    if result.workloads:
+        out.append("")
+        for w in result.workloads:
+            mark = "ok " if w.exit_status == 0 else "FAIL"
+            out.append(f"  [{mark}] workload {w.vm}: {w.name} ({w.seconds:.1f} s, "
+                       f"exit {w.exit_status})")
+    if result.expectations:
+        out.append("")
+        for e in result.expectations:
+            out.append(f"  [{'PASS' if e.passed else 'FAIL'}] {e.message}")
+    if result.phases:
+        out.append("")
+        out.append("  phases: " + ", ".join(f"{p.name} {p.seconds:.2f}s" for p in result.phases)
+                   + f"; total {result.total_seconds:.2f}s")
+    if result.error is not None:
+        out.append("")
+        out.append(f"  ERROR: {result.error}")
+        for name, tail in result.console_tails.items():
+            if tail:
+                out.append(f"  --- {name} console (last lines) ---")
+                out += [f"  | {line}" for line in tail.splitlines()[-15:]]
+    out.append("")
+    out.append("PASSED" if result.passed else "FAILED")
+    return "\n".join(out)

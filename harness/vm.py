@@ -1,0 +1,196 @@
+"""One scenario VM, booted and reachable: image, accelerator, devices, QEMU, SSH and agent.
+
+``GuestVM`` is the unit the runner and the pytest fixtures share.  Readiness is a chain of
+small waits, each with its own failure that says what was waited for: QMP greeting (in
+Machine.launch), the init's first console line, the host key on the console, SSH, the agent.
+Every wait fails fast with the console tail if the guest panics or QEMU exits.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+
+from harness.config.model import VM, BuiltinImage, VirtioBlk
+from harness.errors import GuestError, HostError, ImageError
+from harness.guest.agent import GuestAgent, GuestSnapshot
+from harness.guest.ssh import ClientKey, CommandResult, GuestSSH, parse_host_key
+from harness.host.accel import AccelDecision, choose_accel
+from harness.images.builder import GuestImage, cache_root, ensure_image
+from harness.qemu import argv as qargv
+from harness.qemu.machine import Machine
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[[str], None]
+
+BASE_APPEND = "console=ttyS0 panic=-1 loglevel=4"
+
+
+@dataclass
+class BootTimes:
+    """Monotonic timestamps of the boot milestones, for the phase table and the bench."""
+
+    launch: float = 0.0
+    qmp_ready: float = 0.0
+    init_started: float = 0.0
+    guest_ready: float = 0.0
+    ssh_ready: float = 0.0
+
+    def phases(self) -> list[tuple[str, float]]:
+        return [("QEMU start", self.qmp_ready - self.launch),
+                ("kernel to init", self.init_started - self.qmp_ready),
+                ("init to sshd", self.guest_ready - self.init_started),
+                ("SSH ready", self.ssh_ready - self.guest_ready)]
+
+
+@dataclass
+class GuestVM:
+    """A VM of the scenario.  ``with GuestVM(...) as vm: vm.boot()``; teardown always runs."""
+
+    spec: VM
+    run_dir: Path
+    progress: Progress = field(default=lambda message: None)
+    boot_timeout: float = 120.0
+    shutdown_timeout: float = 10.0
+    accel: AccelDecision | None = None
+    image: GuestImage | None = None
+    placed: tuple[qargv.PlacedDevice, ...] = ()
+    machine: Machine | None = None
+    ssh: GuestSSH | None = None
+    agent: GuestAgent | None = None
+    times: BootTimes = field(default_factory=BootTimes)
+    _scratch: list[Path] = field(default_factory=list)
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    def __repr__(self) -> str:
+        return f"<GuestVM {self.name} {self.machine!r}>"
+
+    # --- preparation (no QEMU yet) ----------------------------------------------------------
+
+    def prepare(self) -> None:
+        """Image, accelerator and device placement; raises before anything is started."""
+        image = self.spec.image
+        if not isinstance(image, BuiltinImage):
+            raise ImageError(f"{self.name}: image kind {image.kind!r} is not supported by "
+                             "this version of the harness (use kind: builtin)")
+        self.image = ensure_image(image.recipe, progress=self.progress)
+        self.accel = choose_accel(self.spec.accel, self.spec.qemu, self.image.kernel,
+                                  cache_root())
+        self.progress(f"{self.name}: accel {self.accel.accel} ({self.accel.reason})")
+        self.placed = qargv.place_devices(self.spec.devices)
+        for placed in self.placed:
+            if placed.device.kind == "ivshmem-doorbell":
+                raise HostError(f"{self.name}/{placed.device.id}",
+                                "ivshmem-doorbell needs an ivshmem server, which this "
+                                "version of the harness does not run yet")
+
+    def _ssh_nic(self) -> qargv.PlacedDevice:
+        nics = [p for p in self.placed if getattr(p.device, "ssh", False)]
+        if len(nics) != 1:
+            raise GuestError(self.name, "the VM needs exactly one NIC with ssh: true")
+        return nics[0]
+
+    def _resources(self) -> qargv.DeviceResources:
+        disks = {}
+        for placed in self.placed:
+            if isinstance(placed.device, VirtioBlk):
+                path = self.run_dir / f"{self.name}.{placed.device.id}.img"
+                with open(path, "wb") as fh:
+                    fh.truncate(placed.device.size_mib << 20)  # sparse: costs no disk
+                self._scratch.append(path)
+                disks[placed.device.id] = path
+        return qargv.DeviceResources(disks=disks, ivshmem_sockets={})
+
+    # --- boot --------------------------------------------------------------------------------
+
+    def boot(self) -> None:
+        if self.image is None or self.accel is None:
+            self.prepare()
+        assert self.image is not None and self.accel is not None
+        client_key = ClientKey.generate()
+        append = " ".join(filter(None, [
+            BASE_APPEND, f"harness.net={self._ssh_nic().mac}",
+            f"harness.ssh_key={client_key.public_b64}", self.spec.append]))
+        boot = qargv.Boot(kernel=self.image.kernel, initrd=self.image.initrd, append=append)
+        resources = self._resources()
+        accel = self.accel.accel
+
+        def argv_for(qmp_fd: int, console_fd: int) -> list[str]:
+            return qargv.build_argv(self.spec, accel, boot, self.placed, resources,
+                                    qmp_fd, console_fd)
+
+        self.machine = Machine(self.name, argv_for, self.run_dir)
+        self.progress(f"{self.name}: starting QEMU ({accel}, {self.spec.cpus} vCPU, "
+                      f"{self.spec.memory_mib} MiB)")
+        self.machine.launch()
+        assert self.machine.console is not None
+        console = self.machine.console
+        assert self.machine.launched_at is not None and self.machine.qmp_ready_at is not None
+        self.times.launch = self.machine.launched_at
+        self.times.qmp_ready = self.machine.qmp_ready_at
+        deadline = self.machine.launched_at + self.boot_timeout
+
+        def left() -> float:
+            return max(deadline - time.monotonic(), 0.1)
+
+        console.wait_for(r"^harness-init: start", left(), "the guest's init to start")
+        self.times.init_started = console.first_time(r"^harness-init: start") or time.monotonic()
+        self.progress(f"{self.name}: kernel booted, init running")
+        host_key_line = console.wait_for(r"^harness-hostkey: (ssh-\S+ \S+)", left(),
+                                         "the guest's SSH host key").group(1)
+        console.wait_for(r"^harness-init: ready", left(), "the guest's init to finish")
+        self.times.guest_ready = console.first_time(r"^harness-init: ready") or time.monotonic()
+        port = self.machine.ssh_port()
+        self.ssh = GuestSSH(self.name, port, parse_host_key(host_key_line), client_key)
+        self.ssh.connect(left(), self.machine.is_alive, console.tail)
+        self.agent = GuestAgent(self.ssh)
+        self.agent.check_version()
+        self.times.ssh_ready = time.monotonic()
+        self.progress(f"{self.name}: SSH ready on 127.0.0.1:{port} "
+                      f"({self.times.ssh_ready - self.times.launch:.1f} s after launch)")
+
+    # --- use ---------------------------------------------------------------------------------
+
+    def snapshot(self) -> GuestSnapshot:
+        if self.agent is None:
+            raise GuestError(self.name, "not booted")
+        return self.agent.snapshot()
+
+    def run(self, argv: tuple[str, ...] | list[str], timeout: float) -> CommandResult:
+        if self.ssh is None:
+            raise GuestError(self.name, "not booted")
+        return self.ssh.run(argv, timeout)
+
+    def console_tail(self) -> str:
+        return self.machine.console.tail() if self.machine and self.machine.console else ""
+
+    # --- teardown ----------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Idempotent: SSH, then QEMU (quit, SIGTERM, SIGKILL), then scratch disks."""
+        if self.ssh is not None:
+            self.ssh.close()
+        if self.machine is not None:
+            self.machine.shutdown(self.shutdown_timeout)
+        for path in self._scratch:
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
+        self._scratch.clear()
+
+    def __enter__(self) -> GuestVM:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()

@@ -1,0 +1,501 @@
+"""Scenario files: the YAML loader, its exact error messages, and the generated JSON Schema.
+
+Each invalid file in tests/data/configs/ has one fault; the test pins the whole one-line message
+(``file:line: key.path: reason``) so that a change in wording or line numbers is a decision.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from harness.config import (
+    VM,
+    Accel,
+    BuiltinImage,
+    CloudImage,
+    DeliveryPath,
+    E1000e,
+    Expectation,
+    IvshmemDoorbell,
+    KernelImage,
+    Scenario,
+    Timeouts,
+    VfioPci,
+    VirtioBlk,
+    VirtioNet,
+    Workload,
+    load_scenario,
+    load_scenario_text,
+    model,
+    scenario_json_schema,
+)
+from harness.config.schema import field_metadata, scenario_json_schema_text
+from harness.errors import ConfigError
+
+REPO = Path(__file__).resolve().parents[2]
+DATA = REPO / "tests" / "data" / "configs"
+SCHEMA_FILE = REPO / "configs" / "scenario.schema.json"
+VALID = sorted(DATA.glob("valid-*.yaml")) + sorted((REPO / "configs").glob("*.yaml"))
+
+
+# --- valid files ------------------------------------------------------------------------------
+
+
+def test_full_scenario_builds_exactly_the_model() -> None:
+    scenario = load_scenario(DATA / "valid-full.yaml")
+
+    assert scenario == Scenario(
+        name="full-example",
+        description="every device and image kind the format knows",
+        vms=(
+            VM(
+                name="host-a", machine="q35", accel=Accel.KVM, cpus=4, memory_mib=1024,
+                image=BuiltinImage(kind="builtin", recipe="debian-cloud"),
+                devices=(
+                    VirtioNet(kind="virtio-net", id="net0", addr=0x03, queues=2),
+                    E1000e(kind="e1000e", id="nic1", ssh=False),
+                    VirtioBlk(kind="virtio-blk", id="disk0", size_mib=16),
+                    IvshmemDoorbell(kind="ivshmem-doorbell", id="bell0", vectors=4, size_mib=2),
+                    VfioPci(kind="vfio-pci", id="nvme0", host="0000:00:05.0", addr=0x10,
+                            no_kvm_msix=True, no_kvm_msi=False),
+                ),
+                append="console=ttyS0 loglevel=7",
+                qemu="qemu-system-x86_64",
+                extra_args=("-display", "none"),
+            ),
+            VM(
+                name="host-b", accel=Accel.TCG,
+                image=KernelImage(kind="kernel", kernel=str(DATA / "images" / "bzImage"),
+                                  modules=str(REPO / "tests" / "data" / "images" / "modules"
+                                              / "6.8.0")),
+                devices=(E1000e(kind="e1000e", id="eth0", ssh=True),),
+            ),
+            VM(
+                name="host-c",
+                image=CloudImage(kind="cloud", disk="/var/lib/images/debian-12.qcow2",
+                                 format="raw", user="debian"),
+                devices=(VirtioNet(kind="virtio-net", id="net0"),),
+            ),
+        ),
+        workloads=(
+            Workload(vm="host-a", name="ping flood",
+                     run=("ping", "-f", "-c", "1000", "10.0.2.2"), timeout_s=30.0),
+            Workload(vm="host-c", run=("true",)),
+        ),
+        expect=(
+            Expectation(vm="host-a", device="net0", path=DeliveryPath.EMULATED,
+                        vectors=("*-input.*", "*-output.*"), min_delta=10),
+            Expectation(vm="host-a", device="nvme0", path=DeliveryPath.USERSPACE_BOUNCE,
+                        vectors=("1", "2"), min_delta=0),
+        ),
+        timeouts=Timeouts(boot_s=300.0, shutdown_s=5.5),
+    )
+
+
+def test_minimal_scenario_takes_the_model_defaults() -> None:
+    scenario = load_scenario(str(DATA / "valid-minimal.yaml"))
+
+    assert scenario == Scenario(
+        name="minimal", vms=(VM(name="vm", devices=(VirtioNet(kind="virtio-net", id="net0"),)),))
+    vm = scenario.vms[0]
+    assert (vm.accel, vm.cpus, vm.memory_mib, vm.image) == (
+        Accel.AUTO, 2, 512, BuiltinImage(kind="builtin"))
+    assert scenario.timeouts == Timeouts(boot_s=120.0, shutdown_s=10.0)
+
+
+def _values(value: object) -> Iterator[object]:
+    yield value
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        for f in dataclasses.fields(value):
+            yield from _values(getattr(value, f.name))
+    elif isinstance(value, tuple):
+        for item in value:
+            yield from _values(item)
+
+
+@pytest.mark.parametrize("path", VALID, ids=lambda p: p.name)
+def test_valid_files_give_frozen_dataclasses_tuples_and_enums(path: Path) -> None:
+    scenario = load_scenario(path)
+
+    for value in _values(scenario):
+        assert not isinstance(value, dict | list | set), value
+        if dataclasses.is_dataclass(value) and not isinstance(value, type):
+            with pytest.raises(dataclasses.FrozenInstanceError):
+                setattr(value, dataclasses.fields(value)[0].name, None)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        scenario.name = "changed"  # type: ignore[misc]
+    assert all(isinstance(vm.accel, Accel) for vm in scenario.vms)
+    assert all(isinstance(e.path, DeliveryPath) for e in scenario.expect)
+
+
+def test_ints_are_accepted_as_floats_and_hex_as_ints() -> None:
+    text = ("name: n\nvms:\n  - name: vm\n    devices: [{kind: virtio-net, id: n0, addr: 0x1a}]\n"
+            "timeouts: {boot_s: 30, shutdown_s: 2.5}\n")
+    scenario = load_scenario_text(text, "inline.yaml")
+
+    assert scenario.vms[0].devices[0].addr == 26
+    assert scenario.timeouts.boot_s == 30.0 and isinstance(scenario.timeouts.boot_s, float)
+
+
+def test_image_paths_are_resolved_from_the_scenario_folder(tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch
+                                                            ) -> None:
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    text = ("name: n\nvms:\n"
+            "  - name: a\n    image: {kind: kernel, kernel: ./k/../bzImage, modules: ~/mods}\n"
+            "    devices: [{kind: virtio-net, id: n0}]\n"
+            "  - name: b\n    image: {kind: cloud, disk: /abs/disk.qcow2}\n"
+            "    devices: [{kind: virtio-net, id: n0}]\n")
+    scenario = load_scenario_text(text, str(tmp_path / "sub" / "s.yaml"))
+
+    assert scenario.vms[0].image == KernelImage(kind="kernel",
+                                                kernel=str(tmp_path / "sub" / "bzImage"),
+                                                modules=str(tmp_path / "home" / "mods"))
+    assert scenario.vms[1].image == CloudImage(kind="cloud", disk="/abs/disk.qcow2")
+
+
+def test_relative_filename_resolves_against_the_working_directory(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    text = ("name: n\nvms:\n  - name: a\n    image: {kind: cloud, disk: d.qcow2}\n"
+            "    devices: [{kind: virtio-net, id: n0}]\n")
+
+    scenario = load_scenario_text(text, "conf/s.yaml")
+
+    assert scenario.vms[0].image == CloudImage(kind="cloud",
+                                               disk=str(tmp_path / "conf" / "d.qcow2"))
+
+
+# --- invalid files: the exact message ---------------------------------------------------------
+
+# (file, expected message, whether the JSON Schema rejects it too)
+INVALID: list[tuple[str, str, bool]] = [
+    # keys
+    ("bad-unknown-key.yaml",
+     "bad-unknown-key.yaml:4: vms[0].cpu: unknown key (did you mean 'cpus'?); allowed keys: "
+     "name, machine, accel, cpus, memory_mib, image, devices, append, qemu, extra_args", True),
+    ("bad-unknown-top-key.yaml",
+     "bad-unknown-top-key.yaml:6: workload: unknown key (did you mean 'workloads'?); allowed "
+     "keys: name, vms, description, workloads, expect, timeouts", True),
+    ("bad-key-of-other-kind.yaml",
+     "bad-key-of-other-kind.yaml:8: vms[0].devices[0].queues: unknown key; allowed keys: "
+     "kind, id, addr, ssh", True),
+    ("bad-missing-required.yaml",
+     "bad-missing-required.yaml:7: vms[0].devices[1].host: missing required key", True),
+    ("bad-missing-vms.yaml", "bad-missing-vms.yaml:2: vms: missing required key", True),
+    ("bad-duplicate-key.yaml",
+     "bad-duplicate-key.yaml:7: vms[0].cpus: duplicate key (first at line 4)", False),
+    ("bad-merge-key.yaml",
+     "bad-merge-key.yaml:7: vms[1].<<: YAML merge keys are not supported; write the keys out",
+     False),
+    # types
+    ("bad-str-for-int.yaml",
+     "bad-str-for-int.yaml:4: vms[0].cpus: expected an integer, got 'two'", True),
+    ("bad-bool-for-int.yaml",
+     "bad-bool-for-int.yaml:4: vms[0].memory_mib: expected an integer, got yes", True),
+    ("bad-int-for-str.yaml",
+     "bad-int-for-str.yaml:8: workloads[0].run[1]: expected a string, got 5 "
+     "(quote it to use it as text)", True),
+    ("bad-null-for-int.yaml",
+     "bad-null-for-int.yaml:4: vms[0].cpus: expected an integer, got an empty value", True),
+    ("bad-octal.yaml",
+     "bad-octal.yaml:4: vms[0].memory_mib: ambiguous integer 0512 (YAML 1.1 reads it as 330); "
+     "write 330 or quote the text", False),
+    ("bad-infinite.yaml",
+     "bad-infinite.yaml:7: timeouts.boot_s: expected a finite number, got .inf", False),
+    ("bad-scalar-for-mapping.yaml",
+     "bad-scalar-for-mapping.yaml:4: vms[0].image: expected a mapping, got 'builtin'", True),
+    ("bad-mapping-for-list.yaml",
+     "bad-mapping-for-list.yaml:3: vms: expected a list, got a mapping", True),
+    ("bad-tag.yaml",
+     "bad-tag.yaml:3: vms[0].name: unsupported YAML tag !!python/object/apply:os.system", False),
+    # enums and kinds
+    ("bad-enum.yaml",
+     "bad-enum.yaml:4: vms[0].accel: unknown value 'kvmm' (did you mean 'kvm'?); "
+     "allowed values: auto, kvm, tcg", True),
+    ("bad-literal.yaml",
+     "bad-literal.yaml:7: vms[0].image.format: unknown value 'vmdk'; allowed values: qcow2, raw",
+     True),
+    ("bad-device-kind.yaml",
+     "bad-device-kind.yaml:7: vms[0].devices[1].kind: unknown kind 'virtio-nett' (did you mean "
+     "'virtio-net'?); allowed kinds: virtio-net, e1000e, virtio-blk, ivshmem-doorbell, vfio-pci",
+     True),
+    ("bad-missing-kind.yaml",
+     "bad-missing-kind.yaml:6: vms[0].devices[1].kind: missing required key; allowed kinds: "
+     "virtio-net, e1000e, virtio-blk, ivshmem-doorbell, vfio-pci", True),
+    # constraints
+    ("bad-out-of-range.yaml", "bad-out-of-range.yaml:4: vms[0].cpus: must be at most 64, got 65",
+     True),
+    ("bad-exclusive-minimum.yaml",
+     "bad-exclusive-minimum.yaml:9: workloads[0].timeout_s: must be greater than 0, got 0", True),
+    ("bad-min-items.yaml", "bad-min-items.yaml:2: vms: must have at least 1 item, got 0", True),
+    ("bad-empty-run.yaml",
+     "bad-empty-run.yaml:8: workloads[0].run: must have at least 1 item, got 0", True),
+    ("bad-pattern.yaml",
+     r"bad-pattern.yaml:8: vms[0].devices[1].host: must match "
+     r"^[0-9a-fA-F]{4}:[0-9a-fA-F]{2}:[0-9a-fA-F]{2}\.[0-7]$, got '00:05.0'", True),
+    # Python's jsonschema lets "vm\n" pass ^...$ (re.search); ECMA-262 and the loader do not.
+    ("bad-pattern-newline.yaml",
+     "bad-pattern-newline.yaml:3: vms[0].name: must match ^[a-z][a-z0-9-]*$, got 'vm\\n'", False),
+    ("bad-device-id.yaml",
+     "bad-device-id.yaml:5: vms[0].devices[0].id: must match ^[A-Za-z][A-Za-z0-9._-]*$, "
+     "got 'net0,romfile=/etc/shadow'", True),
+    # the file as a whole
+    ("bad-yaml-syntax.yaml",
+     "bad-yaml-syntax.yaml:5: invalid YAML: expected <block end>, but found "
+     "'<block mapping start>' (while parsing a block collection at line 3)", False),
+    ("bad-unclosed-quote.yaml",
+     "bad-unclosed-quote.yaml:5: invalid YAML: found unexpected end of stream "
+     "(while scanning a quoted scalar at line 3)", False),
+    ("bad-two-documents.yaml",
+     "bad-two-documents.yaml:3: invalid YAML: but found another document "
+     "(expected a single document in the stream at line 1)", False),
+    ("bad-empty.yaml",
+     "bad-empty.yaml:1: the file is empty; a scenario needs at least 'name' and 'vms'", False),
+    ("bad-top-level-list.yaml",
+     "bad-top-level-list.yaml:1: expected a mapping at the top level, got a list", True),
+    # across the scenario
+    ("bad-duplicate-vm.yaml",
+     "bad-duplicate-vm.yaml:9: vms[2].name: duplicate VM name 'web' (first at line 3)", False),
+    ("bad-duplicate-device-id.yaml",
+     "bad-duplicate-device-id.yaml:7: vms[0].devices[2].id: duplicate device id 'disk0' "
+     "in VM 'vm' (first at line 6)", False),
+    ("bad-addr-range.yaml",
+     "bad-addr-range.yaml:5: vms[0].devices[0].addr: slot 0x20 is outside 0x01..0x1e", False),
+    ("bad-addr-duplicate.yaml",
+     "bad-addr-duplicate.yaml:10: vms[0].devices[1].addr: slot 0x05 is already used by 'net0' "
+     "(line 7)", False),
+    ("bad-two-ssh.yaml",
+     "bad-two-ssh.yaml:7: vms[0].devices[1].ssh: 'net0' and 'net1' both forward SSH; set "
+     "ssh: false on all NICs but one (virtio-net has ssh: true by default)", False),
+    ("bad-no-ssh.yaml",
+     "bad-no-ssh.yaml:8: vms[0].devices: VM 'vm' has no NIC with ssh: true; the harness reaches "
+     "every guest over SSH, so add one (e.g. kind: virtio-net)", False),
+    ("bad-no-devices.yaml",
+     "bad-no-devices.yaml:3: vms[0].devices: VM 'vm' has no NIC with ssh: true; the harness "
+     "reaches every guest over SSH, so add one (e.g. kind: virtio-net)", False),
+    ("bad-workload-vm.yaml",
+     "bad-workload-vm.yaml:7: workloads[0].vm: no VM named 'wbe' (did you mean 'web'?); "
+     "VMs: web", False),
+    ("bad-expect-vm.yaml", "bad-expect-vm.yaml:7: expect[0].vm: no VM named 'db'; VMs: web",
+     False),
+    ("bad-expect-device.yaml",
+     "bad-expect-device.yaml:9: expect[0].device: VM 'web' has no device 'nic0'; "
+     "its devices: net0, disk0", False),
+    ("bad-expect-path.yaml",
+     "bad-expect-path.yaml:9: expect[0].path: virtio-net 'net0' is emulated by QEMU, so its "
+     "interrupts can only take the path 'emulated'", False),
+    ("bad-expect-not-delivered.yaml",
+     "bad-expect-not-delivered.yaml:10: expect[0].path: not-delivered is a failure, never an "
+     "expectation; expect the path the interrupts should take", False),
+    ("bad-vector.yaml",
+     "bad-vector.yaml:11: expect[0].vectors[1]: MSI-X entry numbers are 0..2047, got '4096'",
+     False),
+    ("bad-vector-blank.yaml",
+     "bad-vector-blank.yaml:10: expect[0].vectors[1]: expected an MSI-X entry number (\"1\") "
+     "or a shell pattern for guest IRQ names (\"*-input.*\"), got ' '", False),
+    ("bad-empty-path.yaml", "bad-empty-path.yaml:6: vms[0].image.disk: must be a path, got ''",
+     False),
+]
+
+
+def test_every_invalid_file_has_a_case() -> None:
+    assert sorted(p.name for p in DATA.glob("bad-*.yaml")) == sorted(c[0] for c in INVALID)
+
+
+@pytest.mark.parametrize(("name", "message", "schema_rejects"), INVALID,
+                         ids=[c[0] for c in INVALID])
+def test_invalid_file_gives_one_exact_line(name: str, message: str, schema_rejects: bool,
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(DATA)  # so the message names the file as given: "bad-x.yaml:4: ..."
+
+    with pytest.raises(ConfigError) as info:
+        load_scenario(name)
+
+    assert str(info.value) == message
+    assert "\n" not in str(info.value)
+    assert info.value.exit_code == 2
+    assert info.value.file == name
+    assert isinstance(info.value.line, int)
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("name: n\nvms:\n  - name: vm\n    cpus: true\n",
+     "s.yaml:4: vms[0].cpus: expected an integer, got true"),
+    ("name: n\nvms:\n  - name: vm\n    cpus: 2.5\n",
+     "s.yaml:4: vms[0].cpus: expected an integer, got 2.5"),
+    ("name: n\nvms:\n  - name: vm\n    cpus: !!int abc\n",
+     "s.yaml:4: vms[0].cpus: expected an integer, got abc"),
+    ("name: n\nvms:\n  - name: vm\n    machine: [q35]\n",
+     "s.yaml:4: vms[0].machine: expected a string, got a list"),
+    ("name: n\nvms:\n  - name: vm\n    append: on\n",
+     "s.yaml:4: vms[0].append: expected a string, got on (quote it to use it as text)"),
+    ("name: n\nvms:\n  - name: vm\n    devices: [{kind: e1000e, id: e, ssh: 1}]\n",
+     "s.yaml:4: vms[0].devices[0].ssh: expected a boolean (true or false), got 1"),
+    ("name: n\nvms:\n  - name: vm\n    devices: [{kind: virtio-net, id: e, queues: 0x41}]\n",
+     "s.yaml:4: vms[0].devices[0].queues: must be at most 8, got 0x41"),
+    ("name: n\nvms:\n  - name: vm\n    devices: [{kind: 5, id: e}]\n",
+     "s.yaml:4: vms[0].devices[0].kind: expected a string, got 5 (quote it to use it as text)"),
+    ("name: n\nvms:\n  - name: vm\n    accel: 1\n",
+     "s.yaml:4: vms[0].accel: unknown value 1; allowed values: auto, kvm, tcg"),
+    ("name: n\nvms:\n  - name: vm\n    1: x\n", "s.yaml:4: vms[0]: keys must be strings, got 1"),
+    ("name: n\nvms: &v [*v]\n", "s.yaml:2: vms[0]: expected a mapping, got a list"),
+    ("name: n\nvms: !!set {a}\n", "s.yaml:2: vms: unsupported YAML tag !!set"),
+    ("name: n\nvms:\n  - name: vm\n    qemu: \x07\n",
+     "s.yaml:4: invalid YAML: special characters are not allowed (U+0007)"),
+    ("---\n", "s.yaml:1: the file is empty; a scenario needs at least 'name' and 'vms'"),
+    ("~\n", "s.yaml:1: expected a mapping at the top level, got null"),
+    ("just text\n", "s.yaml:1: expected a mapping at the top level, got 'just text'"),
+])
+def test_inline_mistakes(text: str, message: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_scenario_text(text, "s.yaml")
+
+    assert str(info.value) == message
+
+
+def test_yaml_tags_never_run_code(tmp_path: Path) -> None:
+    marker = tmp_path / "ran"
+    text = f"name: !!python/object/apply:os.system ['touch {marker}']\nvms: []\n"
+
+    with pytest.raises(ConfigError, match="unsupported YAML tag"):
+        load_scenario_text(text, "s.yaml")
+    assert not marker.exists()
+
+
+def test_yaml_errors_keep_their_cause() -> None:
+    with pytest.raises(ConfigError) as info:
+        load_scenario_text("a: b: c\n", "s.yaml")
+
+    assert str(info.value) == "s.yaml:1: invalid YAML: mapping values are not allowed here"
+    assert isinstance(info.value.__cause__, yaml.MarkedYAMLError)
+
+
+def test_missing_file_names_the_path_and_the_reason(tmp_path: Path) -> None:
+    path = tmp_path / "nope.yaml"
+
+    with pytest.raises(ConfigError) as info:
+        load_scenario(path)
+
+    assert str(info.value) == f"{path}: cannot read: No such file or directory"
+    assert isinstance(info.value.__cause__, FileNotFoundError)
+
+
+def test_directory_is_not_a_scenario(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_scenario(tmp_path)
+
+    assert str(info.value) == f"{tmp_path}: cannot read: Is a directory"
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads files whatever their mode")
+def test_unreadable_file(tmp_path: Path) -> None:
+    path = tmp_path / "secret.yaml"
+    path.write_text("name: n\n")
+    path.chmod(0)
+
+    with pytest.raises(ConfigError) as info:
+        load_scenario(path)
+
+    assert str(info.value) == f"{path}: cannot read: Permission denied"
+
+
+def test_non_utf8_file(tmp_path: Path) -> None:
+    path = tmp_path / "latin1.yaml"
+    path.write_bytes(b"name: caf\xe9\n")
+
+    with pytest.raises(ConfigError) as info:
+        load_scenario(path)
+
+    assert str(info.value) == f"{path}: not UTF-8 text (invalid continuation byte at byte 9)"
+
+
+# --- the JSON Schema ------------------------------------------------------------------------
+
+
+def test_committed_schema_is_the_generated_one() -> None:
+    assert SCHEMA_FILE.read_text(encoding="utf-8") == scenario_json_schema_text(), (
+        "configs/scenario.schema.json is stale; regenerate it with: python3 -c 'import "
+        "harness.config.schema as s; s.write_schema(\"configs/scenario.schema.json\")'")
+
+
+def test_schema_shape() -> None:
+    schema = scenario_json_schema()
+    defs = schema["$defs"]
+
+    assert schema["$schema"] == "https://json-schema.org/draft/2020-12/schema"
+    assert schema["$ref"] == "#/$defs/Scenario"
+    vm = defs["VM"]
+    assert vm["additionalProperties"] is False
+    assert vm["required"] == ["name"]
+    assert vm["properties"]["cpus"] == {"type": "integer", "description": "vCPUs",
+                                        "minimum": 1, "maximum": 64, "default": 2}
+    assert vm["properties"]["devices"]["items"]["oneOf"] == [
+        {"$ref": f"#/$defs/{name}"}
+        for name in ("VirtioNet", "E1000e", "VirtioBlk", "IvshmemDoorbell", "VfioPci")]
+    assert vm["properties"]["image"]["default"] == {"kind": "builtin", "recipe": "debian-cloud"}
+    assert defs["VirtioNet"]["properties"]["kind"] == {"const": "virtio-net"}
+    assert defs["VirtioNet"]["properties"]["addr"]["type"] == ["integer", "null"]
+    assert defs["Accel"] == {"type": "string", "enum": ["auto", "kvm", "tcg"]}
+    assert defs["CloudImage"]["properties"]["format"]["enum"] == ["qcow2", "raw"]
+    assert defs["Workload"]["properties"]["timeout_s"]["exclusiveMinimum"] == 0
+    assert defs["Scenario"]["properties"]["vms"]["minItems"] == 1
+
+
+def _model_fields() -> Iterator[tuple[type, dataclasses.Field[Any]]]:
+    for value in vars(model).values():
+        if isinstance(value, type) and dataclasses.is_dataclass(value):
+            for f in dataclasses.fields(value):
+                yield value, f
+
+
+def test_every_model_field_is_documented_except_kind() -> None:
+    undocumented = [f"{cls.__name__}.{f.name}" for cls, f in _model_fields()
+                    if f.name != "kind" and "doc" not in field_metadata(f)]
+    assert undocumented == []
+
+
+def test_unknown_metadata_is_refused() -> None:
+    @dataclasses.dataclass(frozen=True)
+    class Odd:
+        x: int = dataclasses.field(metadata={"doc": "x", "maxLength": 3})
+
+    with pytest.raises(TypeError, match="maxLength"):
+        field_metadata(dataclasses.fields(Odd)[0])
+
+
+def _jsonschema_validator() -> Any:
+    jsonschema = pytest.importorskip("jsonschema", reason="jsonschema not installed")
+    schema = json.loads(SCHEMA_FILE.read_text(encoding="utf-8"))
+    jsonschema.Draft202012Validator.check_schema(schema)
+    return jsonschema.Draft202012Validator(schema)
+
+
+@pytest.mark.parametrize("path", VALID, ids=lambda p: p.name)
+def test_valid_files_pass_the_schema(path: Path) -> None:
+    validator = _jsonschema_validator()
+
+    validator.validate(yaml.safe_load(path.read_text(encoding="utf-8")))
+
+
+@pytest.mark.parametrize("name", [c[0] for c in INVALID if c[2]])
+def test_schema_rejects_what_the_loader_rejects_by_shape(name: str) -> None:
+    validator = _jsonschema_validator()
+
+    assert not validator.is_valid(yaml.safe_load((DATA / name).read_text(encoding="utf-8")))
+
+
+def test_schema_enums_match_the_model() -> None:
+    defs = scenario_json_schema()["$defs"]
+    for cls in (Accel, DeliveryPath):
+        assert issubclass(cls, enum.StrEnum)
+        assert defs[cls.__name__]["enum"] == [m.value for m in cls]
