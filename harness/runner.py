@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -108,7 +108,7 @@ class _Clock:
         self._result = result
 
     @contextlib.contextmanager
-    def phase(self, name: str) -> object:
+    def phase(self, name: str) -> Iterator[None]:
         started = time.monotonic()
         try:
             yield None

@@ -12,7 +12,6 @@ import binascii
 import io
 import logging
 import shlex
-import socket
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -132,7 +131,7 @@ class GuestSSH:
             stdout = out.read().decode("utf-8", "replace")
             stderr = err.read().decode("utf-8", "replace")
             status = out.channel.recv_exit_status()
-        except (paramiko.SSHException, OSError, socket.timeout) as exc:
+        except (TimeoutError, paramiko.SSHException, OSError) as exc:
             raise GuestError(self.name, f"{command}: {type(exc).__name__}: {exc}") from exc
         result = CommandResult(tuple(argv), status, stdout, stderr, time.monotonic() - started)
         log.debug("%s: %s -> %d in %.2f s", self.name, command, status, result.seconds)

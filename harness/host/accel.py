@@ -127,7 +127,8 @@ def cached_probe_kvm(qemu: str, kernel: Path, cache_dir: Path) -> KvmProbe:
     return probe
 
 
-def choose_accel(requested: Accel, qemu: str, kernel: Path | None, cache_dir: Path) -> AccelDecision:
+def choose_accel(requested: Accel, qemu: str, kernel: Path | None,
+                 cache_dir: Path) -> AccelDecision:
     """Resolve ``auto``; refuse ``kvm`` where KVM cannot run a guest (HostError)."""
     if requested == Accel.TCG:
         return AccelDecision("tcg", "TCG requested by the scenario", False)

@@ -312,11 +312,11 @@ def _module_entries(kernel_tree: Path, release: str, wanted: tuple[str, ...],
         order.append(path)
 
     for name in wanted:
-        path = by_name.get(name.replace("-", "_"))
-        if path is None:
+        found = by_name.get(name.replace("-", "_"))
+        if found is None:
             raise ImageError(f"kernel {release} has no module {name!r} "
                              "(built in, or not configured?)")
-        visit(path)
+        visit(found)
     progress(f"  {len(order)} kernel modules: {' '.join(Path(p).stem for p in order)}")
     entries = [Entry.file(f"lib/modules/{Path(p).name}", (moddir / p).read_bytes())
                for p in order]

@@ -43,7 +43,7 @@ class QmpChannel:
                                         name=f"qmp-{name}", daemon=True)
         self._thread.start()
         self._client = QMPClient(name)
-        self._pump: concurrent.futures.Future[None] | None = None
+        self._pump: asyncio.Task[None] | None = None
         self.events: list[dict[str, Any]] = []
 
     def __repr__(self) -> str:
@@ -62,7 +62,18 @@ class QmpChannel:
             self._call(self._client.connect(sock), timeout)
         except (ConnectError, OSError, concurrent.futures.TimeoutError) as exc:
             raise QmpError("connect", f"no QMP greeting: {exc}") from exc
-        self._pump = asyncio.run_coroutine_threadsafe(self._pump_events(), self._loop)
+        self._call(self._start_pump(), timeout)
+
+    async def _start_pump(self) -> None:
+        self._pump = asyncio.get_running_loop().create_task(self._pump_events())
+
+    async def _shutdown(self) -> None:
+        try:
+            await self._client.disconnect()
+        finally:
+            if self._pump is not None:
+                self._pump.cancel()
+                await asyncio.gather(self._pump, return_exceptions=True)
 
     async def _pump_events(self) -> None:
         async for event in self._client.events:
@@ -75,7 +86,7 @@ class QmpChannel:
         try:
             result = self._call(self._client.execute(command, arguments), timeout)
         except ExecuteError as exc:
-            raise QmpError(command, exc.error.desc, exc.error.class_) from exc
+            raise QmpError(command, str(exc), exc.error_class) from exc
         except (QMPError, OSError, EOFError) as exc:
             raise QmpError(command, f"{type(exc).__name__}: {exc}") from exc
         except concurrent.futures.TimeoutError as exc:
@@ -92,15 +103,9 @@ class QmpChannel:
         if self._loop.is_closed():
             return
         try:
-            self._call(self._client.disconnect(), 5.0)
+            self._call(self._shutdown(), 5.0)
         except Exception as exc:  # noqa: BLE001 - teardown must go on; the cause is logged
             self._log.debug("QMP disconnect: %s", exc)
-        if self._pump is not None:
-            self._pump.cancel()
-            try:
-                self._pump.result(2.0)
-            except (concurrent.futures.CancelledError, concurrent.futures.TimeoutError):
-                pass
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(5.0)
         if not self._thread.is_alive():

@@ -11,7 +11,7 @@ import os
 import platform
 import subprocess
 from dataclasses import asdict
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +45,7 @@ def to_dict(result: RunResult) -> dict[str, Any]:
         "format": FORMAT,
         "harness": __version__,
         "scenario": {"name": result.scenario.name, "file": result.scenario_file},
-        "started": datetime.fromtimestamp(result.started, timezone.utc).isoformat(),
+        "started": datetime.fromtimestamp(result.started, UTC).isoformat(),
         "host": {"hostname": platform.node(), "kernel": platform.release(),
                  "machine": platform.machine(), "cpus": os.cpu_count(),
                  "qemu": {q: _qemu_version(q) for q in qemus}},
