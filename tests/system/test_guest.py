@@ -1,0 +1,197 @@
+"""System tests: real QEMU guests (TCG here), real SSH, real /proc/interrupts.
+
+Each boot costs a few seconds under TCG, so one guest is shared by the tests that only look.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import paramiko
+import pytest
+
+from harness.cli import main
+from harness.config.model import VM, BuiltinImage, VirtioBlk, VirtioNet
+from harness.errors import GuestError, LaunchError
+from harness.guest.ssh import GuestSSH
+from harness.vm import GuestVM
+
+pytestmark = pytest.mark.system
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def smoke_vm(**overrides: object) -> VM:
+    spec: dict[str, object] = {
+        "name": "t0", "cpus": 2, "memory_mib": 256,
+        "image": BuiltinImage(kind="builtin"),
+        "devices": (VirtioNet(kind="virtio-net", id="net0"),
+                    VirtioBlk(kind="virtio-blk", id="disk0"))}
+    spec.update(overrides)
+    return VM(**spec)  # type: ignore[arg-type]
+
+
+def qemu_pids() -> set[int]:
+    pids = set()
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if (entry / "comm").read_text().startswith("qemu-system"):
+                    pids.add(int(entry.name))
+            except OSError:
+                continue
+    return pids
+
+
+@pytest.fixture(scope="module")
+def guest(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GuestVM]:
+    with GuestVM(smoke_vm(), tmp_path_factory.mktemp("guest")) as vm:
+        vm.boot()
+        yield vm
+
+
+def test_guest_boots_and_answers_over_ssh(guest: GuestVM) -> None:
+    assert guest.image is not None
+    result = guest.run(["uname", "-r"], timeout=30)
+    assert result.exit_status == 0
+    assert result.stdout.strip() == guest.image.kernel_release
+    assert guest.accel is not None and guest.accel.accel in ("kvm", "tcg")
+
+
+def test_agent_snapshot_names_the_devices_vectors(guest: GuestVM) -> None:
+    snap = guest.snapshot()
+    net = snap.device("0000:00:03.0")
+    assert net is not None and net.driver == "virtio-pci"
+    assert [kind for _, kind in net.msi_irqs] == ["msix"] * 3  # config, input.0, output.0
+    lines = {line.label: line for line in snap.interrupts.lines}
+    names = sorted(a for irq, _ in net.msi_irqs for a in lines[irq].actions)
+    assert names == ["virtio0-config", "virtio0-input.0", "virtio0-output.0"]
+    for irq, _ in net.msi_irqs:
+        vector = lines[irq].vector
+        assert vector is not None and vector.bdf == "0000:00:03.0"
+
+
+def test_network_workload_raises_the_input_vector(guest: GuestVM) -> None:
+    before = guest.snapshot()
+    done = guest.run(["ping", "-q", "-c", "20", "-i", "0.01", "10.0.2.2"], timeout=60)
+    assert done.exit_status == 0, done.stderr
+    after = guest.snapshot()
+    rows = [r for r in before.interrupts.delta(after.interrupts).rows
+            if r.after is not None and "virtio0-input.0" in r.after.actions]
+    assert len(rows) == 1
+    assert rows[0].total >= 20  # one reply per echo at least
+
+
+def test_a_wrong_pinned_host_key_is_refused(guest: GuestVM) -> None:
+    assert guest.ssh is not None
+    impostor = paramiko.Ed25519Key.from_private_key  # noqa: F841 - only the type matters
+    other = GuestSSH("t0", guest.ssh.port, _other_host_key(), guest.ssh._client_key)
+    with pytest.raises(GuestError, match="host key differs"):
+        other.connect(10, lambda: True, lambda: "")
+
+
+def _other_host_key() -> paramiko.PKey:
+    from harness.guest.ssh import ClientKey, parse_host_key
+
+    return parse_host_key(ClientKey.generate().public_line)
+
+
+def test_teardown_leaves_no_qemu(tmp_path: Path) -> None:
+    with GuestVM(smoke_vm(name="t1"), tmp_path) as vm:
+        vm.boot()
+        assert vm.machine is not None
+        pid = vm.machine.pid
+        assert pid in qemu_pids()
+    assert pid not in qemu_pids()
+    vm.close()  # idempotent
+    assert not list(tmp_path.glob("*.img")), "scratch disks must be removed"
+
+
+def test_launch_failure_reports_exit_code_argv_and_output(tmp_path: Path) -> None:
+    vm = GuestVM(smoke_vm(name="t2", extra_args=("-device", "no-such-device")), tmp_path)
+    with vm, pytest.raises(LaunchError) as info:
+        vm.boot()
+    err = info.value
+    assert err.returncode == 1
+    assert "no-such-device" in err.output
+    assert "no-such-device" in " ".join(err.argv)
+    assert "exit code 1" in str(err)
+
+
+def test_a_panicking_guest_fails_fast_with_the_console_tail(tmp_path: Path) -> None:
+    vm = GuestVM(smoke_vm(name="t3", append="rdinit=/no-such-init"), tmp_path,
+                 boot_timeout=120)
+    started = time.monotonic()
+    with vm, pytest.raises(GuestError) as info:
+        vm.boot()
+    assert time.monotonic() - started < 30, "a panic must not wait for the boot timeout"
+    assert "Kernel panic" in str(info.value) or "QEMU exited" in str(info.value)
+    assert "no-such-init" in info.value.console_tail or "panic" in info.value.console_tail
+
+
+def test_cli_run_smoke_writes_reports_and_passes(tmp_path: Path,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    code = main(["run", str(REPO / "configs" / "smoke.yaml"), "--out", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    (run_dir,) = tmp_path.iterdir()
+    report = json.loads((run_dir / "report.json").read_text())
+    assert report["format"] == "harness-run/1" and report["passed"] is True
+    inputs = [v for v in report["vectors"] if v["name"] == "virtio0-input.0"]
+    assert inputs and inputs[0]["evidence"]["guest_delta"] >= 50
+    assert inputs[0]["path"] == "emulated"
+    assert (run_dir / "junit.xml").read_text().count("<testcase") == 4
+    assert (run_dir / "guest0.before.interrupts").read_text().lstrip().startswith("CPU0")
+    assert "virtio0-input.0" in out and "PASSED" in out
+
+
+def test_cli_run_fails_when_a_vector_did_not_fire(tmp_path: Path,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    scenario = tmp_path / "quiet.yaml"
+    scenario.write_text(
+        "name: quiet\n"
+        "vms:\n  - name: g\n    memory_mib: 256\n    devices:\n"
+        "      - {kind: virtio-net, id: net0}\n      - {kind: virtio-blk, id: disk0}\n"
+        "expect:\n  - {vm: g, device: disk0, path: emulated, min_delta: 1000000}\n")
+    code = main(["run", str(scenario), "--out", str(tmp_path / "runs")])
+    out = capsys.readouterr().out
+    assert code == 1
+    assert "[FAIL] g/disk0 expects emulated" in out
+
+
+def test_sigkill_of_the_harness_leaves_no_qemu(tmp_path: Path) -> None:
+    scenario = tmp_path / "long.yaml"
+    scenario.write_text(
+        "name: long\nvms:\n  - name: g\n    memory_mib: 256\n    devices:\n"
+        "      - {kind: virtio-net, id: net0}\n"
+        "workloads:\n  - {vm: g, run: [sleep, '600'], timeout_s: 900}\n")
+    before = qemu_pids()
+    harness = subprocess.Popen(
+        [sys.executable, "-m", "harness.cli", "run", str(scenario), "--out", str(tmp_path)],
+        stderr=subprocess.PIPE, text=True, cwd=REPO)
+    assert harness.stderr is not None
+    try:
+        for line in harness.stderr:
+            if "running sleep" in line:
+                break
+        else:
+            pytest.fail(f"the harness never reached the workload (exit {harness.wait()})")
+        ours = qemu_pids() - before
+        assert ours, "QEMU should be running the guest now"
+        os.kill(harness.pid, signal.SIGKILL)
+        harness.wait()
+        deadline = time.monotonic() + 10
+        while ours & qemu_pids() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not ours & qemu_pids(), "QEMU outlived the SIGKILLed harness"
+    finally:
+        if harness.poll() is None:
+            harness.kill()
+            harness.wait()
