@@ -158,9 +158,9 @@ def _run_inside(scenario: Scenario, result: RunResult, clock: _Clock,
     else:
         result.phases.append(Phase(f"boot {len(vms)} VMs", boot_total))
     for vm in vms.values():
-        assert vm.accel is not None and vm.image is not None and vm.ssh is not None
+        assert vm.accel is not None and vm.ssh is not None
         result.vms.append(VMSummary(vm.name, vm.accel.accel, vm.accel.reason,
-                                    vm.image.kernel_release, vm.image.key, vm.ssh.port,
+                                    vm.kernel_release, vm.image_key, vm.ssh.port,
                                     tuple((p.device.id, p.device.kind, p.bdf)
                                           for p in vm.placed)))
     before = {}

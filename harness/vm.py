@@ -16,12 +16,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 
-from harness.config.model import VM, BuiltinImage, VirtioBlk
-from harness.errors import GuestError, HostError, ImageError
+from harness.config.model import VM, BuiltinImage, CloudImage, KernelImage, VirtioBlk
+from harness.errors import GuestError, HostError
 from harness.guest.agent import GuestAgent, GuestSnapshot
 from harness.guest.ssh import ClientKey, CommandResult, GuestSSH, parse_host_key
 from harness.host.accel import AccelDecision, choose_accel
-from harness.images.builder import GuestImage, cache_root, ensure_image
+from harness.images.builder import GuestImage, UserKernel, cache_root, ensure_image
+from harness.images.cloud import make_overlay, make_seed
 from harness.qemu import argv as qargv
 from harness.qemu.machine import Machine
 
@@ -79,12 +80,18 @@ class GuestVM:
     def prepare(self) -> None:
         """Image, accelerator and device placement; raises before anything is started."""
         image = self.spec.image
-        if not isinstance(image, BuiltinImage):
-            raise ImageError(f"{self.name}: image kind {image.kind!r} is not supported by "
-                             "this version of the harness (use kind: builtin)")
-        self.image = ensure_image(image.recipe, progress=self.progress)
-        self.accel = choose_accel(self.spec.accel, self.spec.qemu, self.image.kernel,
-                                  cache_root())
+        if isinstance(image, CloudImage):
+            # The accelerator probe boots a known kernel: the builtin one.
+            probe_kernel = ensure_image(progress=self.progress).kernel
+            self.image = None
+        else:
+            user_kernel = (UserKernel(Path(image.kernel), Path(image.modules)
+                                      if image.modules else None)
+                           if isinstance(image, KernelImage) else None)
+            recipe = image.recipe if isinstance(image, BuiltinImage) else "debian-cloud"
+            self.image = ensure_image(recipe, progress=self.progress, user_kernel=user_kernel)
+            probe_kernel = self.image.kernel
+        self.accel = choose_accel(self.spec.accel, self.spec.qemu, probe_kernel, cache_root())
         self.progress(f"{self.name}: accel {self.accel.accel} ({self.accel.reason})")
         self.placed = qargv.place_devices(self.spec.devices)
         for placed in self.placed:
@@ -92,6 +99,31 @@ class GuestVM:
                 raise HostError(f"{self.name}/{placed.device.id}",
                                 "ivshmem-doorbell needs an ivshmem server, which this "
                                 "version of the harness does not run yet")
+
+    @property
+    def kernel_release(self) -> str:
+        return self.image.kernel_release if self.image else "(the cloud image's own)"
+
+    @property
+    def image_key(self) -> str:
+        if self.image is not None:
+            return self.image.key
+        return str(getattr(self.spec.image, "disk", ""))
+
+    def _boot_spec(self, client_key: ClientKey) -> tuple[qargv.Boot, str]:
+        """What QEMU boots, and the SSH user."""
+        image = self.spec.image
+        if isinstance(image, CloudImage):
+            overlay = make_overlay(Path(image.disk), image.format, self.run_dir, self.name)
+            seed = make_seed(self.run_dir, self.name, client_key.public_line, image.user)
+            self._scratch += [overlay, seed]
+            return qargv.Boot(disk=overlay, seed=seed), image.user
+        assert self.image is not None
+        append = " ".join(filter(None, [
+            BASE_APPEND, f"harness.net={self._ssh_nic().mac}",
+            f"harness.ssh_key={client_key.public_b64}", self.spec.append]))
+        return qargv.Boot(kernel=self.image.kernel, initrd=self.image.initrd,
+                          append=append), "root"
 
     def _ssh_nic(self) -> qargv.PlacedDevice:
         nics = [p for p in self.placed if getattr(p.device, "ssh", False)]
@@ -113,14 +145,13 @@ class GuestVM:
     # --- boot --------------------------------------------------------------------------------
 
     def boot(self) -> None:
-        if self.image is None or self.accel is None:
+        if self.accel is None:
             self.prepare()
-        assert self.image is not None and self.accel is not None
+        assert self.accel is not None
+        self.run_dir.mkdir(parents=True, exist_ok=True)
         client_key = ClientKey.generate()
-        append = " ".join(filter(None, [
-            BASE_APPEND, f"harness.net={self._ssh_nic().mac}",
-            f"harness.ssh_key={client_key.public_b64}", self.spec.append]))
-        boot = qargv.Boot(kernel=self.image.kernel, initrd=self.image.initrd, append=append)
+        self._ssh_nic()
+        boot, user = self._boot_spec(client_key)
         resources = self._resources()
         accel = self.accel.accel
 
@@ -150,7 +181,7 @@ class GuestVM:
         console.wait_for(r"^harness-init: ready", left(), "the guest's init to finish")
         self.times.guest_ready = console.first_time(r"^harness-init: ready") or time.monotonic()
         port = self.machine.ssh_port()
-        self.ssh = GuestSSH(self.name, port, parse_host_key(host_key_line), client_key)
+        self.ssh = GuestSSH(self.name, port, parse_host_key(host_key_line), client_key, user)
         self.ssh.connect(left(), self.machine.is_alive, console.tail)
         self.agent = GuestAgent(self.ssh)
         self.agent.check_version()

@@ -14,8 +14,10 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import stat
+import struct
 import subprocess
 import tempfile
 import time
@@ -38,6 +40,7 @@ _SKIP_PREFIXES = ("usr/share/", "usr/lib/x86_64-linux-gnu/gconv/", "usr/libexec/
                   "usr/bin/", "sbin/", "usr/sbin/", "bin/", "usr/lib/x86_64-linux-gnu/audit/")
 # ... except the programs the guest runs.
 _KEEP_PROGRAMS = ("bin/busybox", "usr/sbin/dropbear", "usr/bin/dropbearkey")
+_VERSIONED_KERNEL = re.compile(r"^linux-image-\d")
 
 
 def _no_progress(message: str) -> None:
@@ -152,13 +155,14 @@ def _apt_show(names: list[str]) -> dict[str, dict[str, str]]:
     return found
 
 
-def resolve(recipe: Recipe) -> tuple[PackageRef, ...]:
+def resolve(recipe: Recipe, with_kernel: bool = True) -> tuple[PackageRef, ...]:
     """Pin every requested package to the archive's current version and SHA256."""
-    shown = _apt_show([name for _, name in recipe.requests])
+    requests = [(r, n) for r, n in recipe.requests if with_kernel or r != "kernel"]
+    shown = _apt_show([name for _, name in requests])
     refs = []
-    for role, name in recipe.requests:
+    for role, name in requests:
         fields = shown[name]
-        if role == "kernel" and not name.startswith("linux-image-6") and "Depends" in fields:
+        if role == "kernel" and not _VERSIONED_KERNEL.match(name) and "Depends" in fields:
             # A metapackage such as linux-image-cloud-amd64: follow it to the real kernel.
             real = next((d.strip().split(" ")[0] for d in fields["Depends"].split(",")
                          if d.strip().startswith("linux-image-")), None)
@@ -169,8 +173,45 @@ def resolve(recipe: Recipe) -> tuple[PackageRef, ...]:
     return tuple(refs)
 
 
-def image_key(recipe: Recipe, packages: tuple[PackageRef, ...]) -> str:
+@dataclass(frozen=True)
+class UserKernel:
+    """A user's own kernel (bzImage) and, optionally, its /lib/modules/<release> tree."""
+
+    kernel: Path
+    modules: Path | None = None
+
+    def release(self) -> str:
+        return bzimage_release(self.kernel)
+
+    def module_files(self, wanted: tuple[str, ...]) -> list[Path]:
+        if self.modules is None:
+            return []
+        return [self.modules / rel for rel in _module_closure(self.modules, wanted, None)]
+
+
+def bzimage_release(path: Path) -> str:
+    """The kernel release string from an x86 bzImage's setup header (kernel_version field)."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(0x8000)
+    except OSError as exc:
+        raise ImageError(f"{path}: cannot read the kernel: {exc.strerror}") from exc
+    if len(head) < 0x210 or head[0x202:0x206] != b"HdrS":
+        raise ImageError(f"{path}: not an x86 bzImage (no 'HdrS' setup header)")
+    offset = struct.unpack_from("<H", head, 0x20E)[0] + 0x200
+    text = head[offset:offset + 256].split(b"\0")[0].decode(errors="replace")
+    if not text:
+        raise ImageError(f"{path}: the bzImage carries no version string")
+    return text.split()[0]
+
+
+def image_key(recipe: Recipe, packages: tuple[PackageRef, ...],
+              user_kernel: UserKernel | None = None) -> str:
     digest = hashlib.sha256(f"builder {BUILDER_VERSION}\n".encode())
+    if user_kernel is not None:
+        for path in [user_kernel.kernel, *user_kernel.module_files(recipe.modules)]:
+            digest.update(f"user {path.name}\n".encode())
+            digest.update(path.read_bytes())
     for ref in packages:
         digest.update(f"{ref.role} {ref.name} {ref.version} {ref.sha256}\n".encode())
     base = guest_images_dir()
@@ -181,12 +222,17 @@ def image_key(recipe: Recipe, packages: tuple[PackageRef, ...]) -> str:
 
 
 def ensure_image(recipe_name: str = "debian-cloud", progress: Progress = _no_progress,
-                 cache: Path | None = None) -> GuestImage:
-    """Return the cached image for the recipe's current inputs, building it if needed."""
+                 cache: Path | None = None, user_kernel: UserKernel | None = None) -> GuestImage:
+    """Return the cached image for the recipe's current inputs, building it if needed.
+
+    With ``user_kernel``, the recipe's kernel package is replaced by the user's kernel and
+    modules; the initramfs (busybox, dropbear, agent) is the recipe's.
+    """
     recipe = Recipe.load(recipe_name)
-    packages = resolve(recipe)
-    key = image_key(recipe, packages)
-    folder = (cache or cache_root()) / "images" / f"{recipe_name}-{key}"
+    packages = resolve(recipe, with_kernel=user_kernel is None)
+    key = image_key(recipe, packages, user_kernel)
+    prefix = recipe_name if user_kernel is None else f"{recipe_name}-userkernel"
+    folder = (cache or cache_root()) / "images" / f"{prefix}-{key}"
     folder.parent.mkdir(parents=True, exist_ok=True)
     with open(folder.parent / ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # one builder at a time; the next one finds the cache
@@ -199,7 +245,7 @@ def ensure_image(recipe_name: str = "debian-cloud", progress: Progress = _no_pro
         with tempfile.TemporaryDirectory(prefix=".build-", dir=folder.parent) as tmp:
             staging = Path(tmp) / "image"
             staging.mkdir()
-            _build(recipe, packages, key, Path(tmp), staging, progress)
+            _build(recipe, packages, key, Path(tmp), staging, progress, user_kernel)
             os.rename(staging, folder)  # atomic: a cache entry is complete or absent
         progress(f"image {recipe_name}: built in {time.monotonic() - started:.1f} s ({folder})")
         return _from_manifest(manifest)
@@ -213,7 +259,7 @@ def _from_manifest(path: Path) -> GuestImage:
 
 
 def _build(recipe: Recipe, packages: tuple[PackageRef, ...], key: str, tmp: Path,
-           out: Path, progress: Progress) -> None:
+           out: Path, progress: Progress, user_kernel: UserKernel | None) -> None:
     debs = tmp / "debs"
     debs.mkdir()
     progress(f"  downloading {', '.join(p.name for p in packages)}")
@@ -229,18 +275,28 @@ def _build(recipe: Recipe, packages: tuple[PackageRef, ...], key: str, tmp: Path
         progress(f"  extracting {deb.name}")
         _run(["dpkg-deb", "-x", str(deb), str(tree)], f"extracting {deb.name}")
         trees[ref.name] = tree
-    kernel_ref = next(p for p in packages if p.role == "kernel")
-    kernel_tree = trees.pop(kernel_ref.name)
-    (vmlinuz,) = (kernel_tree / "boot").glob("vmlinuz-*")
-    release = vmlinuz.name.removeprefix("vmlinuz-")
+    if user_kernel is None:
+        kernel_ref = next(p for p in packages if p.role == "kernel")
+        kernel_tree = trees.pop(kernel_ref.name)
+        (vmlinuz,) = (kernel_tree / "boot").glob("vmlinuz-*")
+        release = vmlinuz.name.removeprefix("vmlinuz-")
+        _run(["depmod", "-b", str(kernel_tree), release], "running depmod")
+        moddir: Path | None = kernel_tree / "lib" / "modules" / release
+    else:
+        vmlinuz, moddir = user_kernel.kernel, user_kernel.modules
+        release = user_kernel.release()
+        if moddir is not None and moddir.name != release:
+            raise ImageError(f"modules tree {moddir} is for release {moddir.name}, but the "
+                             f"kernel {vmlinuz} is {release}")
     entries = _base_entries(trees)
-    entries += _module_entries(kernel_tree, release, recipe.modules, progress)
+    entries += _module_entries(moddir, release, recipe.modules, progress)
     progress(f"  writing initramfs ({len(entries)} entries)")
     with open(out / "initrd.cpio", "wb") as fh:
         write_newc(fh, entries)
     shutil.copyfile(vmlinuz, out / "vmlinuz")
     manifest = {"key": key, "recipe": recipe.name, "kernel_release": release,
-                "builder": BUILDER_VERSION, "packages": [dataclasses.asdict(p) for p in packages]}
+                "builder": BUILDER_VERSION, "packages": [dataclasses.asdict(p) for p in packages],
+                "user_kernel": str(user_kernel.kernel) if user_kernel else None}
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
 
 
@@ -291,17 +347,25 @@ def _base_entries(trees: dict[str, Path]) -> list[Entry]:
     return entries
 
 
-def _module_entries(kernel_tree: Path, release: str, wanted: tuple[str, ...],
-                    progress: Progress) -> list[Entry]:
-    """The wanted modules and their dependencies, plus a load order for /init."""
-    moddir = kernel_tree / "lib" / "modules" / release
-    _run(["depmod", "-b", str(kernel_tree), release], "running depmod")
+def _module_closure(moddir: Path, wanted: tuple[str, ...],
+                    progress: Progress | None) -> list[str]:
+    """The wanted modules and their dependencies, in load order, as paths under ``moddir``.
+
+    A wanted module that the kernel has built in (modules.builtin) is skipped; one that is
+    neither a module nor built in is an error.
+    """
+    dep_file = moddir / "modules.dep"
+    if not dep_file.is_file():
+        raise ImageError(f"{moddir}: no modules.dep (run depmod for this kernel)")
     deps: dict[str, list[str]] = {}
     by_name: dict[str, str] = {}
-    for line in (moddir / "modules.dep").read_text().splitlines():
+    for line in dep_file.read_text().splitlines():
         path, _, rest = line.partition(":")
         deps[path] = rest.split()
         by_name[Path(path).name.split(".ko")[0].replace("-", "_")] = path
+    builtin_file = moddir / "modules.builtin"
+    builtin = {Path(p).name.split(".ko")[0].replace("-", "_")
+               for p in (builtin_file.read_text().split() if builtin_file.is_file() else [])}
     order: list[str] = []
 
     def visit(path: str) -> None:
@@ -312,11 +376,26 @@ def _module_entries(kernel_tree: Path, release: str, wanted: tuple[str, ...],
         order.append(path)
 
     for name in wanted:
-        found = by_name.get(name.replace("-", "_"))
-        if found is None:
-            raise ImageError(f"kernel {release} has no module {name!r} "
-                             "(built in, or not configured?)")
-        visit(found)
+        key = name.replace("-", "_")
+        found = by_name.get(key)
+        if found is not None:
+            visit(found)
+        elif key in builtin:
+            if progress is not None:
+                progress(f"  module {name}: built into the kernel")
+        else:
+            raise ImageError(f"kernel {moddir.name} has no module {name!r} and does not "
+                             "list it as built in")
+    return order
+
+
+def _module_entries(moddir: Path | None, release: str, wanted: tuple[str, ...],
+                    progress: Progress) -> list[Entry]:
+    """The wanted modules and their dependencies, plus a load order for /init."""
+    if moddir is None:
+        progress(f"  no modules tree for {release}: the drivers must be built in")
+        return [Entry.file("etc/harness/modules", b"")]
+    order = _module_closure(moddir, wanted, progress)
     progress(f"  {len(order)} kernel modules: {' '.join(Path(p).stem for p in order)}")
     entries = [Entry.file(f"lib/modules/{Path(p).name}", (moddir / p).read_bytes())
                for p in order]

@@ -195,3 +195,46 @@ def test_sigkill_of_the_harness_leaves_no_qemu(tmp_path: Path) -> None:
         if harness.poll() is None:
             harness.kill()
             harness.wait()
+
+
+def test_a_users_own_kernel_and_modules_tree_boots(tmp_path: Path) -> None:
+    """kind: kernel - a kernel and /lib/modules tree from outside the harness's cache.
+
+    The Debian kernel package, unpacked by hand into a temp dir, stands in for a user's
+    build: the harness builds its initramfs around it from the modules tree given.
+    """
+    from harness.config.model import KernelImage
+    from harness.images.builder import ensure_image
+
+    ref = next(p for p in ensure_image().packages if p.role == "kernel")
+    subprocess.run(["apt-get", "download", "-q", "-o", "APT::Sandbox::User=root",
+                    f"{ref.name}={ref.version}"], cwd=tmp_path, check=True,
+                   capture_output=True)
+    (deb,) = tmp_path.glob("*.deb")
+    tree = tmp_path / "tree"
+    subprocess.run(["dpkg-deb", "-x", str(deb), str(tree)], check=True)
+    (vmlinuz,) = (tree / "boot").glob("vmlinuz-*")
+    release = vmlinuz.name.removeprefix("vmlinuz-")
+    subprocess.run(["depmod", "-b", str(tree), release], check=True)
+    image = KernelImage(kind="kernel", kernel=str(vmlinuz),
+                        modules=str(tree / "lib" / "modules" / release))
+    with GuestVM(smoke_vm(name="t4", image=image), tmp_path / "run") as vm:
+        vm.boot()
+        assert vm.image is not None and "userkernel" in vm.image.folder.name
+        assert vm.run(["uname", "-r"], 30).stdout.strip() == release
+        loaded = vm.run(["cat", "/proc/modules"], 30).stdout
+        assert "virtio_net" in loaded and "virtio_blk" in loaded
+
+
+def test_a_mismatched_modules_tree_is_refused(tmp_path: Path) -> None:
+    from harness.config.model import KernelImage
+    from harness.errors import ImageError
+    from harness.images.builder import ensure_image
+
+    wrong = tmp_path / "5.10.0-99-amd64"
+    wrong.mkdir()
+    (wrong / "modules.dep").write_text("")
+    image = KernelImage(kind="kernel", kernel=str(ensure_image().kernel), modules=str(wrong))
+    with GuestVM(smoke_vm(name="t5", image=image), tmp_path) as vm:
+        with pytest.raises(ImageError, match="is for release 5.10.0-99-amd64"):
+            vm.prepare()
