@@ -229,6 +229,12 @@ def ensure_image(recipe_name: str = "debian-cloud", progress: Progress = _no_pro
     modules; the initramfs (busybox, dropbear, agent) is the recipe's.
     """
     recipe = Recipe.load(recipe_name)
+    if user_kernel is not None and user_kernel.modules is not None:
+        release = user_kernel.release()
+        if user_kernel.modules.name != release:
+            raise ImageError(f"modules tree {user_kernel.modules} is for release "
+                             f"{user_kernel.modules.name}, but the kernel "
+                             f"{user_kernel.kernel} is {release}")
     packages = resolve(recipe, with_kernel=user_kernel is None)
     key = image_key(recipe, packages, user_kernel)
     prefix = recipe_name if user_kernel is None else f"{recipe_name}-userkernel"
@@ -285,9 +291,6 @@ def _build(recipe: Recipe, packages: tuple[PackageRef, ...], key: str, tmp: Path
     else:
         vmlinuz, moddir = user_kernel.kernel, user_kernel.modules
         release = user_kernel.release()
-        if moddir is not None and moddir.name != release:
-            raise ImageError(f"modules tree {moddir} is for release {moddir.name}, but the "
-                             f"kernel {vmlinuz} is {release}")
     entries = _base_entries(trees)
     entries += _module_entries(moddir, release, recipe.modules, progress)
     progress(f"  writing initramfs ({len(entries)} entries)")
