@@ -238,3 +238,17 @@ def test_a_mismatched_modules_tree_is_refused(tmp_path: Path) -> None:
     with GuestVM(smoke_vm(name="t5", image=image), tmp_path) as vm:
         with pytest.raises(ImageError, match="is for release 5.10.0-99-amd64"):
             vm.prepare()
+
+
+@pytest.mark.skipif(not os.environ.get("HARNESS_CLOUD_IMAGE"),
+                    reason="no cloud image on this host: set HARNESS_CLOUD_IMAGE to a qcow2 "
+                           "cloud image with cloud-init (none can be downloaded here)")
+def test_a_cloud_image_boots_with_the_seed(tmp_path: Path) -> None:
+    from harness.config.model import CloudImage
+
+    image = CloudImage(kind="cloud", disk=os.environ["HARNESS_CLOUD_IMAGE"])
+    with GuestVM(smoke_vm(name="t6", image=image, memory_mib=1024), tmp_path,
+                 boot_timeout=600) as vm:
+        vm.boot()
+        snap = vm.snapshot()
+        assert snap.device("0000:00:03.0") is not None
