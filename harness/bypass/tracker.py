@@ -1,0 +1,382 @@
+"""Mirror the live kernel's IRQ bypass pairings from trace records into a BypassManager.
+
+Kprobes on ``irq_bypass_(un)register_producer/consumer`` (entry and return) and on KVM's
+``kvm_arch_irq_bypass_add/del_producer`` tell what the kernel did; each registration is
+replayed into a :class:`BypassManager` when its return record arrives, with the kernel's own
+nested ``add_producer`` result, so the model and the kernel can be compared step by step.
+Where they differ (a connect the model did not expect, a duplicate token the kernel accepted)
+the tracker records an anomaly instead of hiding it.  Producers are keyed by the kernel
+object's address, which survives the re-registration churn of a vector whose guest driver
+reprograms MSI-X (same irq, new token).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from harness.bypass.manager import BypassError, BypassManager, CallbackError, Consumer, Producer
+from harness.host.tracefs import ProbeSpec, TraceRecord
+from harness.interrupts import InterruptSnapshot
+from harness.verdict import Wiring
+
+log = logging.getLogger(__name__)
+
+GROUP = "harness_irqbp"
+
+# kvm_pi_irte_update: "... is enabled and being updated for irq 25, vcpu 0, gsi: 0x18, gvec: 0x22"
+_PI_IRTE = re.compile(r"PI is (?P<state>enabled and being updated|disabled) for (?:this )?irq"
+                      r"(?: (?P<irq>\d+))?, vcpu (?P<vcpu>-?\d+), gsi: (?P<gsi>0x[0-9a-f]+), "
+                      r"gvec: (?P<gvec>0x[0-9a-f]+)")
+
+
+def kernel_version(release: str) -> tuple[int, int]:
+    match = re.match(r"(\d+)\.(\d+)", release)
+    if not match:
+        raise ValueError(f"cannot read a kernel version from {release!r}")
+    return int(match.group(1)), int(match.group(2))
+
+
+def probe_specs(release: str) -> list[ProbeSpec]:
+    """The probe set for a kernel: struct offsets before 6.17, arguments from 6.17 on.
+
+    Before 6.17 the token and irq live in the struct (token at +16, irq at +24 on LP64);
+    from 6.17 they are arguments, because ``producer->eventfd`` is written only after a
+    successful registration (see the notes, section 2.4).  Offsets are for x86_64/arm64.
+    """
+    if kernel_version(release) >= (6, 17):
+        prod = "prod=$arg1:x64 token=$arg2:x64 irq=$arg3:s32"
+        cons = "cons=$arg1:x64 token=$arg2:x64"
+        unprod = "prod=$arg1:x64 token=+0($arg1):x64 irq=+16($arg1):s32"
+        uncons = "cons=$arg1:x64 token=+0($arg1):x64"
+    else:
+        prod = "prod=$arg1:x64 token=+16($arg1):x64 irq=+24($arg1):s32"
+        cons = "cons=$arg1:x64 token=+16($arg1):x64"
+        unprod = "prod=$arg1:x64 token=+16($arg1):x64 irq=+24($arg1):s32"
+        uncons = "cons=$arg1:x64 token=+16($arg1):x64"
+    return [
+        ProbeSpec("prod", "irq_bypass_register_producer", prod),
+        ProbeSpec("prod_ret", "irq_bypass_register_producer", "ret=$retval:s32", ret=True),
+        ProbeSpec("cons", "irq_bypass_register_consumer", cons),
+        ProbeSpec("cons_ret", "irq_bypass_register_consumer", "ret=$retval:s32", ret=True),
+        ProbeSpec("unprod", "irq_bypass_unregister_producer", unprod),
+        ProbeSpec("uncons", "irq_bypass_unregister_consumer", uncons),
+        ProbeSpec("addp", "kvm_arch_irq_bypass_add_producer", "cons=$arg1:x64 prod=$arg2:x64",
+                  optional=True),
+        ProbeSpec("addp_ret", "kvm_arch_irq_bypass_add_producer", "ret=$retval:s32", ret=True,
+                  optional=True),
+        ProbeSpec("delp", "kvm_arch_irq_bypass_del_producer", "cons=$arg1:x64 prod=$arg2:x64",
+                  optional=True),
+        # fd and GSI of each KVM_IRQFD: the next consumer registered by the task is its irqfd.
+        ProbeSpec("irqfd", "kvm_irqfd", "fd=+0($arg2):s32 gsi=+4($arg2):u32 flags=+8($arg2):x32",
+                  optional=True),
+    ]
+
+
+TRACEPOINTS = ("kvm/kvm_pi_irte_update",)
+
+
+@dataclass(frozen=True)
+class Anomaly:
+    timestamp: float
+    kind: str
+    message: str
+    record: str = ""
+
+
+@dataclass
+class _Call:
+    """A register call in flight on one task, with the kernel's nested callback results."""
+
+    kind: str  # "producer" | "consumer"
+    record: TraceRecord
+    addr: int
+    token: int
+    irq: int = 0
+    adds: list[tuple[int, int, int | None]] = field(default_factory=list)  # (cons, prod, ret)
+
+
+class KernelProducer(Producer):
+    """A kernel ``struct irq_bypass_producer`` (a vfio MSI/MSI-X vector), seen by address."""
+
+    def __init__(self, addr: int) -> None:
+        self.addr = addr
+
+    def __repr__(self) -> str:
+        return f"<KernelProducer {self.addr:#x} irq={self.irq}>"
+
+
+class KernelConsumer(Consumer):
+    """A kernel ``struct irq_bypass_consumer`` (a KVM irqfd), seen by address.
+
+    Its ``add_producer`` answers with what the kernel's ``kvm_arch_irq_bypass_add_producer``
+    returned in the call being replayed, so the model rolls back exactly when the kernel did.
+    """
+
+    def __init__(self, addr: int) -> None:
+        self.addr = addr
+        self.gsi: int | None = None
+        self.fd: int | None = None
+        self.replay_ret: int | None = None  # set by the tracker around each replay
+        self.model_adds = 0
+
+    def __repr__(self) -> str:
+        return f"<KernelConsumer {self.addr:#x} gsi={self.gsi}>"
+
+    def add_producer(self, producer: Producer) -> None:
+        self.model_adds += 1
+        if self.replay_ret:
+            raise CallbackError(-self.replay_ret if self.replay_ret < 0 else self.replay_ret,
+                                "kvm_arch_irq_bypass_add_producer failed in the kernel")
+
+    def del_producer(self, producer: Producer) -> None:
+        pass
+
+
+@dataclass(frozen=True)
+class PostedState:
+    host_irq: int
+    enabled: bool
+    vcpu: int
+    gsi: int
+    guest_vector: int
+    timestamp: float
+
+
+@dataclass(frozen=True)
+class VectorWiring:
+    """The answer for one host vector of an assigned device."""
+
+    bdf: str
+    entry: int
+    kind: str
+    host_irq: int
+    token: int | None
+    producer: bool
+    consumer: bool
+    connected: bool
+    gsi: int | None
+    posted: bool
+    vcpu: int | None
+    guest_vector: int | None
+
+    def as_verdict_wiring(self) -> Wiring:
+        return Wiring(self.producer, self.consumer, self.connected, self.posted,
+                      self.describe())
+
+    def describe(self) -> str:
+        if not self.producer:
+            return f"host irq {self.host_irq}: no bypass producer registered"
+        token = f"token {self.token:#x}" if self.token is not None else "unknown token"
+        if not self.consumer:
+            return f"host irq {self.host_irq}, {token}: no consumer: QEMU handles it"
+        gsi = f" GSI {self.gsi}" if self.gsi is not None else ""
+        if not self.connected:
+            return f"host irq {self.host_irq}, {token}: KVM irqfd{gsi} present but not connected"
+        if self.posted:
+            return (f"host irq {self.host_irq}, {token}: connected to KVM irqfd{gsi}, "
+                    f"posted to vCPU {self.vcpu} vector {self.guest_vector:#x}"
+                    if self.guest_vector is not None else "posted")
+        return f"host irq {self.host_irq}, {token}: connected to KVM irqfd{gsi}, not posted"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"bdf": self.bdf, "entry": self.entry, "kind": self.kind,
+                "host_irq": self.host_irq,
+                "token": f"{self.token:#x}" if self.token is not None else None,
+                "producer": self.producer, "consumer": self.consumer,
+                "connected": self.connected, "gsi": self.gsi, "posted": self.posted,
+                "vcpu": self.vcpu, "guest_vector": self.guest_vector,
+                "summary": self.describe()}
+
+
+class BypassTracker:
+    """Feed it trace records; ask it for the wiring of each host vector and the anomalies."""
+
+    def __init__(self, connect_probes: bool = True) -> None:
+        self.manager = BypassManager()
+        self.producers: dict[int, KernelProducer] = {}
+        self.consumers: dict[int, KernelConsumer] = {}
+        self.anomalies: list[Anomaly] = []
+        self.posted: dict[int, PostedState] = {}
+        self.counts: dict[str, int] = {}
+        # Without the add_producer probes the kernel's connects cannot be compared.
+        self.connect_probes = connect_probes
+        self._calls: dict[int, list[_Call]] = {}
+        self._pending_irqfd: dict[int, tuple[int, int]] = {}  # pid -> (fd, gsi)
+
+    def _anomaly(self, record: TraceRecord, kind: str, message: str) -> None:
+        log.info("bypass anomaly %s: %s", kind, message)
+        self.anomalies.append(Anomaly(record.timestamp, kind, message, record.body))
+
+    def feed(self, records: Iterable[TraceRecord]) -> None:
+        for record in records:
+            self.feed_one(record)
+
+    def feed_one(self, record: TraceRecord) -> None:
+        name = record.event
+        self.counts[name] = self.counts.get(name, 0) + 1
+        handler = getattr(self, f"_on_{name}", None)
+        if handler is not None:
+            handler(record)
+
+    # --- record handlers (event names are the probe names of probe_specs) --------------------
+
+    def _on_prod(self, r: TraceRecord) -> None:
+        self._calls.setdefault(r.pid, []).append(
+            _Call("producer", r, r.int("prod") or 0, r.int("token") or 0, r.int("irq") or 0))
+
+    def _on_cons(self, r: TraceRecord) -> None:
+        call = _Call("consumer", r, r.int("cons") or 0, r.int("token") or 0)
+        self._calls.setdefault(r.pid, []).append(call)
+        irqfd = self._pending_irqfd.pop(r.pid, None)
+        if irqfd is not None:
+            consumer = self.consumers.setdefault(call.addr, KernelConsumer(call.addr))
+            consumer.fd, consumer.gsi = irqfd
+
+    def _on_irqfd(self, r: TraceRecord) -> None:
+        flags = r.int("flags") or 0
+        if not flags & 1:  # KVM_IRQFD_FLAG_DEASSIGN clear: an assignment
+            self._pending_irqfd[r.pid] = (r.int("fd") or -1, r.int("gsi") or 0)
+
+    def _on_addp(self, r: TraceRecord) -> None:
+        stack = self._calls.get(r.pid)
+        if not stack:
+            self._anomaly(r, "connect-outside-register",
+                          "kvm_arch_irq_bypass_add_producer outside any registration")
+            return
+        stack[-1].adds.append((r.int("cons") or 0, r.int("prod") or 0, None))
+
+    def _on_addp_ret(self, r: TraceRecord) -> None:
+        stack = self._calls.get(r.pid)
+        if stack and stack[-1].adds:
+            cons, prod, _ = stack[-1].adds[-1]
+            stack[-1].adds[-1] = (cons, prod, r.int("ret") or 0)
+
+    def _on_prod_ret(self, r: TraceRecord) -> None:
+        self._finish(r, "producer")
+
+    def _on_cons_ret(self, r: TraceRecord) -> None:
+        self._finish(r, "consumer")
+
+    def _finish(self, r: TraceRecord, kind: str) -> None:
+        stack = self._calls.get(r.pid)
+        if not stack or stack[-1].kind != kind:
+            return  # the entry happened before tracing started
+        call = stack.pop()
+        kernel_ret = r.int("ret") or 0
+        self._replay(call, kernel_ret)
+
+    def _replay(self, call: _Call, kernel_ret: int) -> None:
+        r = call.record
+        kernel_add_ret = next((ret for _, _, ret in call.adds if ret is not None), None)
+        partner = (self.manager.consumer_for(call.token) if call.kind == "producer"
+                   else self.manager.producer_for(call.token))
+        if isinstance(partner, KernelConsumer):
+            partner.replay_ret = kernel_add_ret
+        if call.kind == "producer":
+            producer = self.producers.setdefault(call.addr, KernelProducer(call.addr))
+            consumer_self = None
+        else:
+            consumer_self = self.consumers.setdefault(call.addr, KernelConsumer(call.addr))
+            consumer_self.replay_ret = kernel_add_ret
+        adds_before = sum(c.model_adds for c in self.consumers.values())
+        model_error: BypassError | None = None
+        try:
+            if call.kind == "producer":
+                self.manager.register_producer(producer, call.token, call.irq)
+            else:
+                assert consumer_self is not None
+                self.manager.register_consumer(consumer_self, call.token)
+        except BypassError as exc:
+            model_error = exc
+        finally:
+            for c in self.consumers.values():
+                c.replay_ret = None
+        model_connected = sum(c.model_adds for c in self.consumers.values()) > adds_before
+        what = f"{call.kind} {call.addr:#x} token {call.token:#x}"
+        if model_error is None and kernel_ret != 0:
+            self._anomaly(r, "kernel-refused", f"{what}: the kernel returned {kernel_ret} "
+                          "where the model accepted")
+            self._unregister(call)
+        elif model_error is not None and kernel_ret == 0:
+            self._anomaly(r, "kernel-accepted", f"{what}: the kernel accepted what the model "
+                          f"refuses ({model_error})")
+        if self.connect_probes:
+            if call.adds and not model_connected:
+                self._anomaly(r, "unexpected-connect", f"{what}: the kernel connected "
+                              "(kvm_arch_irq_bypass_add_producer) with no matching token in "
+                              "the model")
+            elif model_connected and not call.adds:
+                self._anomaly(r, "missing-connect", f"{what}: tokens match but the kernel "
+                              "called no add_producer")
+
+    def _unregister(self, call: _Call) -> None:
+        if call.kind == "producer" and call.addr in self.producers:
+            self.manager.unregister_producer(self.producers[call.addr])
+        elif call.kind == "consumer" and call.addr in self.consumers:
+            self.manager.unregister_consumer(self.consumers[call.addr])
+
+    def _on_unprod(self, r: TraceRecord) -> None:
+        producer = self.producers.get(r.int("prod") or 0)
+        if producer is not None:
+            self.manager.unregister_producer(producer)
+
+    def _on_uncons(self, r: TraceRecord) -> None:
+        consumer = self.consumers.get(r.int("cons") or 0)
+        if consumer is not None:
+            self.manager.unregister_consumer(consumer)
+
+    def _on_delp(self, r: TraceRecord) -> None:
+        prod = self.producers.get(r.int("prod") or 0)
+        if prod is not None and prod.consumer is None and prod.token is not None:
+            self._anomaly(r, "unexpected-disconnect", f"producer {prod.addr:#x}: the kernel "
+                          "disconnected a pair the model never connected")
+
+    def _on_kvm_pi_irte_update(self, r: TraceRecord) -> None:
+        match = _PI_IRTE.search(r.body)
+        if not match or match.group("irq") is None:
+            return
+        irq = int(match.group("irq"))
+        self.posted[irq] = PostedState(irq, match.group("state").startswith("enabled"),
+                                       int(match.group("vcpu")), int(match.group("gsi"), 16),
+                                       int(match.group("gvec"), 16), r.timestamp)
+
+    # --- answers -----------------------------------------------------------------------------
+
+    def producer_for_irq(self, irq: int) -> KernelProducer | None:
+        """The registered producer (if any) whose host IRQ is ``irq``."""
+        return next((p for p in self.producers.values() if p.irq == irq and p.token is not None),
+                    None)
+
+    def wiring(self, interrupts: InterruptSnapshot) -> list[VectorWiring]:
+        """One answer per vfio vector line of the host's /proc/interrupts."""
+        answers = []
+        for line in interrupts.lines:
+            if line.vector is None or not any(a.startswith("vfio-") for a in line.actions):
+                continue
+            irq = int(line.label)
+            producer = self.producer_for_irq(irq)
+            token = producer.token if producer else None
+            consumer = self.manager.consumer_for(token) if token is not None else None
+            connected = token is not None and self.manager.is_connected(token)
+            pi = self.posted.get(irq)
+            posted = bool(connected and pi and pi.enabled)
+            gsi = consumer.gsi if isinstance(consumer, KernelConsumer) else None
+            answers.append(VectorWiring(
+                bdf=line.vector.bdf, entry=line.vector.entry, kind=line.vector.kind,
+                host_irq=irq, token=token if isinstance(token, int) else None,
+                producer=producer is not None, consumer=consumer is not None,
+                connected=connected, gsi=gsi if gsi is not None else (pi.gsi if pi else None),
+                posted=posted, vcpu=pi.vcpu if posted and pi else None,
+                guest_vector=pi.guest_vector if posted and pi else None))
+        return answers
+
+    def summary(self) -> dict[str, Any]:
+        return {"events": dict(sorted(self.counts.items())),
+                "tokens": [{"token": f"{s.token:#x}" if isinstance(s.token, int) else s.token,
+                            "producer_irq": s.producer_irq, "consumer": s.has_consumer,
+                            "connected": s.connected} for s in self.manager.snapshot()],
+                "anomalies": [a.__dict__ for a in self.anomalies]}

@@ -1,0 +1,205 @@
+"""tracefs: kprobe events that are always removed again, and a parser for trace records.
+
+``KprobeSession`` owns a group of probe events: it checks each target function against
+``available_filter_functions``, adds the definitions, enables the group and extra
+tracepoints, and on exit (error or Ctrl-C included) disables and deletes exactly what it
+added.  ``parse_trace_line`` turns the default ftrace text format into typed records.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+
+from harness.errors import HostError
+
+log = logging.getLogger(__name__)
+
+TRACEFS_PATHS = (Path("/sys/kernel/tracing"), Path("/sys/kernel/debug/tracing"))
+
+# "  qemu-system-x86-1234  [001] d..1.  123.456789: prod: (irq_bypass_register_producer+0x0/0x1c0
+#   [irqbypass]) prod=0x... token=0x... irq=25" (one line)
+_LINE = re.compile(
+    r"^\s*(?P<task>.+?)-(?P<pid>\d+)\s+(?:\(\s*[-\d]+\)\s+)?\[(?P<cpu>\d+)\]\s+"
+    r"(?:(?P<flags>[^\s]{4,5})\s+)?(?P<ts>\d+\.\d+):\s+(?P<event>[\w.-]+):\s?(?P<body>.*)$")
+_PROBE_SITE = re.compile(r"^\((?P<site>[^)]*)\)\s*")
+_FIELD = re.compile(r"(?P<key>[A-Za-z_]\w*)=(?P<value>\"[^\"]*\"|\S+)")
+
+
+@dataclass(frozen=True)
+class TraceRecord:
+    task: str
+    pid: int
+    cpu: int
+    timestamp: float
+    event: str
+    body: str  # everything after "event: "
+    site: str = ""  # "(func+0x0/0x1c0 [mod])" of a kprobe, "(caller <- func)" of a kretprobe
+    fields: tuple[tuple[str, str], ...] = field(default=())
+
+    def get(self, key: str, default: str | None = None) -> str | None:
+        return next((v for k, v in self.fields if k == key), default)
+
+    def int(self, key: str) -> int | None:
+        value = self.get(key)
+        if value is None:
+            return None
+        try:
+            return int(value, 0)
+        except ValueError:
+            return None
+
+
+def parse_trace_line(line: str) -> TraceRecord | None:
+    """One record of the default ftrace output; None for comments and lost-event notes."""
+    if not line.strip() or line.lstrip().startswith("#"):
+        return None
+    match = _LINE.match(line.rstrip("\n"))
+    if not match:
+        return None
+    body = match.group("body")
+    site = ""
+    site_match = _PROBE_SITE.match(body)
+    if site_match:
+        site = site_match.group("site")
+    fields = tuple((m.group("key"), m.group("value").strip('"'))
+                   for m in _FIELD.finditer(body[site_match.end():] if site_match else body))
+    return TraceRecord(match.group("task").strip(), int(match.group("pid")),
+                       int(match.group("cpu")), float(match.group("ts")),
+                       match.group("event"), body, site, fields)
+
+
+def parse_trace(lines: Iterable[str]) -> Iterator[TraceRecord]:
+    for line in lines:
+        record = parse_trace_line(line)
+        if record is not None:
+            yield record
+
+
+def find_tracefs(root: Path = Path("/")) -> Path:
+    for candidate in TRACEFS_PATHS:
+        path = root / candidate.relative_to("/")
+        if (path / "kprobe_events").exists():
+            return path
+    raise HostError("tracefs", "not mounted (mount -t tracefs nodev /sys/kernel/tracing) "
+                    "or the kernel lacks CONFIG_KPROBE_EVENTS")
+
+
+@dataclass(frozen=True)
+class ProbeSpec:
+    """One kprobe/kretprobe event: ``p:GROUP/NAME SYMBOL FETCHARGS`` (or ``r:``)."""
+
+    name: str
+    symbol: str
+    fetchargs: str = ""
+    ret: bool = False
+    optional: bool = False  # absent symbol: skip with a note instead of failing
+
+    def definition(self, group: str) -> str:
+        kind = "r" if self.ret else "p"
+        return f"{kind}:{group}/{self.name} {self.symbol} {self.fetchargs}".rstrip()
+
+
+class KprobeSession:
+    """Add probe events and tracepoints, read their records, and always remove them."""
+
+    def __init__(self, group: str, probes: Sequence[ProbeSpec],
+                 tracepoints: Sequence[str] = (), tracefs: Path | None = None) -> None:
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", group):
+            raise ValueError(f"bad kprobe group name {group!r}")
+        self.group = group
+        self.probes = tuple(probes)
+        self.tracepoints = tuple(tracepoints)
+        self._tracefs = tracefs
+        self.added: list[ProbeSpec] = []
+        self.enabled_tracepoints: list[str] = []
+        self.skipped: list[str] = []  # human-readable notes: what could not be probed and why
+
+    @property
+    def tracefs(self) -> Path:
+        if self._tracefs is None:
+            self._tracefs = find_tracefs()
+        return self._tracefs
+
+    def _available(self) -> set[str]:
+        path = self.tracefs / "available_filter_functions"
+        try:
+            text = path.read_text()
+        except OSError as exc:
+            raise HostError("tracefs", f"cannot read {path}: {exc.strerror}") from exc
+        return {line.split()[0] for line in text.splitlines() if line.strip()}
+
+    def _write(self, name: str, text: str, append: bool = True) -> None:
+        path = self.tracefs / name
+        try:
+            with open(path, "a" if append else "w") as fh:
+                fh.write(text + "\n")
+        except OSError as exc:
+            raise HostError("tracefs", f"writing {text!r} to {path}: {exc.strerror}") from exc
+
+    def start(self) -> None:
+        available = self._available()
+        try:
+            for probe in self.probes:
+                if probe.symbol not in available:
+                    note = (f"{probe.symbol}: not in available_filter_functions (inlined, "
+                            "static, or its module is not loaded)")
+                    if not probe.optional:
+                        raise HostError("kprobe", note)
+                    self.skipped.append(note)
+                    continue
+                self._write("kprobe_events", probe.definition(self.group))
+                self.added.append(probe)
+            if self.added:
+                self._write(f"events/{self.group}/enable", "1", append=False)
+            for tp in self.tracepoints:
+                enable = self.tracefs / "events" / tp / "enable"
+                if not enable.exists():
+                    self.skipped.append(f"tracepoint {tp}: not in this kernel")
+                    continue
+                self._write(f"events/{tp}/enable", "1", append=False)
+                self.enabled_tracepoints.append(tp)
+        except BaseException:
+            self.stop()
+            raise
+
+    def read(self) -> str:
+        """The trace buffer's current text (records from every enabled event)."""
+        return (self.tracefs / "trace").read_text(errors="replace")
+
+    def pipe(self) -> Iterator[str]:
+        """Consuming, blocking reader of new records (``trace_pipe``)."""
+        with open(self.tracefs / "trace_pipe", errors="replace") as fh:
+            yield from fh
+
+    def stop(self) -> None:
+        """Disable and delete exactly what was added; safe to call twice."""
+        for tp in self.enabled_tracepoints:
+            try:
+                self._write(f"events/{tp}/enable", "0", append=False)
+            except HostError as exc:
+                log.warning("%s", exc)
+        self.enabled_tracepoints.clear()
+        if self.added:
+            try:
+                self._write(f"events/{self.group}/enable", "0", append=False)
+            except HostError as exc:
+                log.warning("%s", exc)
+        for probe in reversed(self.added):
+            try:
+                self._write("kprobe_events", f"-:{self.group}/{probe.name}")
+            except HostError as exc:
+                log.warning("%s", exc)
+        self.added.clear()
+
+    def __enter__(self) -> KprobeSession:
+        self.start()
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.stop()
