@@ -59,8 +59,15 @@ class BenchRequest:
     repeat: int
 
 
+@dataclass(frozen=True)
+class TraceRequest:
+    duration: float | None
+    json_out: Path | None
+    quiet: bool
+
+
 Request = (RunRequest | ValidateRequest | SchemaRequest | IrqDiffRequest | ImageBuildRequest
-           | BenchRequest)
+           | BenchRequest | TraceRequest)
 
 
 def _progress(message: str) -> None:
@@ -154,10 +161,47 @@ def handle_bench(req: BenchRequest) -> int:
     return 0 if bench.all_passed else 1
 
 
+def handle_trace(req: TraceRequest) -> int:
+    from harness.bypass.live import bypass_session, describe, watch
+    from harness.bypass.tracker import BypassTracker
+    from harness.interrupts import parse_proc_interrupts
+    from harness.report.summary import table
+
+    tracker = BypassTracker()
+    session = bypass_session()
+    until = None if req.duration is None else time.monotonic() + req.duration
+    with session:
+        for note in session.skipped:
+            _progress(f"not traced: {note}")
+        _progress(f"tracing {len(session.added)} probes and "
+                  f"{len(session.enabled_tracepoints)} tracepoints; Ctrl-C to stop")
+        try:
+            watch(session, tracker, until,
+                  on_record=(lambda r: None) if req.quiet
+                  else (lambda r: print(describe(r), flush=True)))
+        except KeyboardInterrupt:
+            pass
+    _progress("probes removed")
+    interrupts = parse_proc_interrupts(Path("/proc/interrupts").read_text(), "/proc/interrupts")
+    wiring = tracker.wiring(interrupts)
+    if wiring:
+        print(table(["device", "entry", "host irq", "wiring"],
+                    [[w.bdf, w.entry, w.host_irq, w.describe()] for w in wiring]))
+    else:
+        print("no vfio vectors in /proc/interrupts now")
+    for anomaly in tracker.anomalies:
+        print(f"ANOMALY {anomaly.kind}: {anomaly.message}")
+    if req.json_out is not None:
+        req.json_out.write_text(json.dumps(
+            {"wiring": [w.to_dict() for w in wiring], **tracker.summary()}, indent=2) + "\n")
+        print(f"wiring: {req.json_out}")
+    return 0
+
+
 HANDLERS: dict[type, Callable[..., int]] = {
     RunRequest: handle_run, ValidateRequest: handle_validate, SchemaRequest: handle_schema,
     IrqDiffRequest: handle_irq_diff, ImageBuildRequest: handle_image_build,
-    BenchRequest: handle_bench,
+    BenchRequest: handle_bench, TraceRequest: handle_trace,
 }
 
 
@@ -198,6 +242,11 @@ def parse_args(argv: Sequence[str]) -> tuple[Request, bool]:
     p.add_argument("--out", type=Path)
     p.add_argument("--repeat", type=int, default=1)
 
+    p = sub.add_parser("trace", help="live view of the kernel's IRQ bypass events (kprobes)")
+    p.add_argument("--duration", type=float, help="stop after this many seconds")
+    p.add_argument("--json", type=Path, dest="json_out", help="write the final wiring here")
+    p.add_argument("--quiet", action="store_true", help="no per-event lines")
+
     ns = parser.parse_args(list(argv))
     request: Request
     if ns.command == "run":
@@ -210,6 +259,8 @@ def parse_args(argv: Sequence[str]) -> tuple[Request, bool]:
         request = IrqDiffRequest(ns.before, ns.after, ns.as_json, ns.all_rows)
     elif ns.command == "image":
         request = ImageBuildRequest(ns.recipe)
+    elif ns.command == "trace":
+        request = TraceRequest(ns.duration, ns.json_out, ns.quiet)
     else:
         if ns.repeat < 1:
             raise UsageError("harness bench: --repeat must be at least 1")

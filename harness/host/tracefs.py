@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import re
+import subprocess
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -80,13 +81,40 @@ def parse_trace(lines: Iterable[str]) -> Iterator[TraceRecord]:
             yield record
 
 
-def find_tracefs(root: Path = Path("/")) -> Path:
+def find_tracefs(root: Path = Path("/")) -> tuple[Path, bool]:
+    """The tracefs mount with kprobe events, and whether this call mounted it.
+
+    An unmounted /sys/kernel/tracing is mounted (as perf and bpftrace do); the caller
+    unmounts it again when done.  A mounted tracefs without ``kprobe_events`` means the kernel
+    was built without CONFIG_KPROBE_EVENTS.
+    """
     for candidate in TRACEFS_PATHS:
         path = root / candidate.relative_to("/")
         if (path / "kprobe_events").exists():
-            return path
-    raise HostError("tracefs", "not mounted (mount -t tracefs nodev /sys/kernel/tracing) "
-                    "or the kernel lacks CONFIG_KPROBE_EVENTS")
+            return path, False
+    path = root / TRACEFS_PATHS[0].relative_to("/")
+    mounted = False
+    if path.is_dir() and not (path / "trace").exists():
+        done = subprocess.run(["mount", "-t", "tracefs", "nodev", str(path)],
+                              capture_output=True, text=True, check=False)
+        if done.returncode != 0:
+            raise HostError("tracefs", f"not mounted, and mounting it at {path} failed: "
+                            f"{done.stderr.strip() or done.returncode}")
+        mounted = True
+    if (path / "kprobe_events").exists():
+        return path, mounted
+    if mounted:
+        unmount_tracefs(path)
+    if (path / "trace").exists() or mounted:
+        raise HostError("tracefs", f"{path} has no kprobe_events: this kernel was built "
+                        "without CONFIG_KPROBE_EVENTS, so its IRQ bypass cannot be traced")
+    raise HostError("tracefs", f"no tracefs at {path}: the kernel lacks CONFIG_TRACING")
+
+
+def unmount_tracefs(path: Path) -> None:
+    done = subprocess.run(["umount", str(path)], capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        log.warning("umount %s: %s", path, done.stderr.strip())
 
 
 @dataclass(frozen=True)
@@ -115,6 +143,7 @@ class KprobeSession:
         self.probes = tuple(probes)
         self.tracepoints = tuple(tracepoints)
         self._tracefs = tracefs
+        self._mounted = False
         self.added: list[ProbeSpec] = []
         self.enabled_tracepoints: list[str] = []
         self.skipped: list[str] = []  # human-readable notes: what could not be probed and why
@@ -122,7 +151,7 @@ class KprobeSession:
     @property
     def tracefs(self) -> Path:
         if self._tracefs is None:
-            self._tracefs = find_tracefs()
+            self._tracefs, self._mounted = find_tracefs()
         return self._tracefs
 
     def _available(self) -> set[str]:
@@ -195,6 +224,9 @@ class KprobeSession:
             except HostError as exc:
                 log.warning("%s", exc)
         self.added.clear()
+        if self._mounted and self._tracefs is not None:
+            unmount_tracefs(self._tracefs)
+            self._mounted = False
 
     def __enter__(self) -> KprobeSession:
         self.start()

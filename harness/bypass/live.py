@@ -1,0 +1,64 @@
+"""Watch the live kernel's IRQ bypass events: probes in, records through the tracker, probes out.
+
+Used by ``harness trace`` and by runs with assigned devices.  The probes are removed on every
+exit path (KprobeSession is a context manager); reading ``trace_pipe`` waits on the file with
+select, so a deadline or Ctrl-C ends the watch promptly.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import select
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from harness.bypass.tracker import GROUP, TRACEPOINTS, BypassTracker, probe_specs
+from harness.host.tracefs import KprobeSession, TraceRecord, parse_trace_line
+
+
+def bypass_session(release: str | None = None, tracefs: Path | None = None) -> KprobeSession:
+    return KprobeSession(GROUP, probe_specs(release or platform.release()), TRACEPOINTS,
+                         tracefs)
+
+
+def describe(record: TraceRecord) -> str:
+    """One human line per bypass event."""
+    what = {
+        "prod": "register producer", "prod_ret": "  -> producer registration returned",
+        "cons": "register consumer", "cons_ret": "  -> consumer registration returned",
+        "unprod": "unregister producer", "uncons": "unregister consumer",
+        "addp": "  KVM add_producer (connect)", "addp_ret": "  -> add_producer returned",
+        "delp": "  KVM del_producer (disconnect)", "irqfd": "KVM_IRQFD",
+    }.get(record.event, record.event)
+    fields = " ".join(f"{k}={v}" for k, v in record.fields) or record.body
+    return f"{record.timestamp:14.6f} {record.task}-{record.pid:<7} {what} {fields}"
+
+
+def watch(session: KprobeSession, tracker: BypassTracker, until: float | None,
+          on_record: Callable[[TraceRecord], None] = lambda r: None,
+          should_stop: Callable[[], bool] = lambda: False) -> None:
+    """Feed records from trace_pipe to the tracker until the monotonic deadline or stop."""
+    fd = os.open(session.tracefs / "trace_pipe", os.O_RDONLY | os.O_NONBLOCK)
+    partial = b""
+    try:
+        while not should_stop():
+            timeout = 0.2 if until is None else min(0.2, until - time.monotonic())
+            if timeout <= 0:
+                break
+            ready, _, _ = select.select([fd], [], [], timeout)
+            if not ready:
+                continue
+            try:
+                chunk = os.read(fd, 65536)
+            except BlockingIOError:
+                continue
+            *lines, partial = (partial + chunk).split(b"\n")
+            for raw in lines:
+                record = parse_trace_line(raw.decode(errors="replace"))
+                if record is not None:
+                    tracker.feed_one(record)
+                    on_record(record)
+    finally:
+        os.close(fd)
