@@ -13,10 +13,12 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-from harness.config.model import EMULATED_KINDS, Scenario
+from harness.config.model import EMULATED_KINDS, Scenario, VfioPci
 from harness.errors import HarnessError
 from harness.guest.agent import GuestSnapshot
+from harness.hostside import HostEvidence
 from harness.qemu.argv import PlacedDevice
 from harness.verdict import ExpectationResult, VectorVerdict, check, classify
 from harness.vm import GuestVM
@@ -66,6 +68,8 @@ class RunResult:
     expectations: list[ExpectationResult] = field(default_factory=list)
     error: HarnessError | None = None
     console_tails: dict[str, str] = field(default_factory=dict)
+    host_wiring: list[dict[str, Any]] = field(default_factory=list)
+    host_notes: list[str] = field(default_factory=list)
 
     @property
     def passed(self) -> bool:
@@ -78,13 +82,19 @@ class RunResult:
 
 
 def vector_verdicts(vm: str, placed: tuple[PlacedDevice, ...], before: GuestSnapshot,
-                    after: GuestSnapshot) -> list[VectorVerdict]:
-    """A verdict for every MSI/MSI-X vector of every scenario device the guest set up."""
+                    after: GuestSnapshot, host: HostEvidence | None = None) -> list[VectorVerdict]:
+    """A verdict for every MSI/MSI-X vector of every scenario device the guest set up.
+
+    For an assigned device the guest vector (guest BDF, MSI-X entry) is joined to the host's
+    vfio vector (host BDF, same entry: vfio maps the MSI-X table one to one) for the host
+    count and the bypass wiring.
+    """
     delta = before.interrupts.delta(after.interrupts)
     verdicts = []
     for p in placed:
         func = after.device(p.bdf) or before.device(p.bdf)
         msi_irqs = {irq for irq, _ in func.msi_irqs} if func else set()
+        assigned = p.device if isinstance(p.device, VfioPci) else None
         for row in delta.rows:
             line = row.after or row.before
             if line is None:
@@ -93,13 +103,21 @@ def vector_verdicts(vm: str, placed: tuple[PlacedDevice, ...], before: GuestSnap
                                               and line.vector.bdf == p.bdf)
             if not ours:
                 continue
-            path, reason = classify(p.device.kind in EMULATED_KINDS, row.total, None, None)
+            entry = line.vector.entry if line.vector else None
+            host_delta = wiring = None
+            if assigned is not None and host is not None:
+                host_delta = host.host_delta(assigned.host, entry)
+                found = host.wiring_for(assigned.host, entry)
+                wiring = found.as_verdict_wiring() if found else None
+            path, reason = classify(p.device.kind in EMULATED_KINDS, row.total, host_delta,
+                                    wiring)
+            if assigned is not None and host is not None and host.wiring_note and wiring is None:
+                reason += f" ({host.wiring_note})"
             verdicts.append(VectorVerdict(
-                vm=vm, device=p.device.id, bdf=p.bdf,
-                entry=line.vector.entry if line.vector else None,
+                vm=vm, device=p.device.id, bdf=p.bdf, entry=entry,
                 name=", ".join(line.actions) or line.description, irq=line.label,
-                guest_delta=row.total, host_delta=None, wiring=None, path=path, reason=reason,
-                per_cpu=row.per_cpu))
+                guest_delta=row.total, host_delta=host_delta, wiring=wiring, path=path,
+                reason=reason, per_cpu=row.per_cpu))
     return verdicts
 
 
@@ -149,6 +167,13 @@ def _run_inside(scenario: Scenario, result: RunResult, clock: _Clock,
                                              scenario.timeouts.shutdown_s))
             vm.prepare()
             vms[spec.name] = vm
+    host: HostEvidence | None = None
+    if any(isinstance(d, VfioPci) for spec in scenario.vms for d in spec.devices):
+        host = HostEvidence(result.run_dir)
+        host.start_tracing()  # before QEMU: every registration must be seen
+        stack.callback(host.stop)
+        if host.wiring_note:
+            progress(host.wiring_note)
     boot_started = time.monotonic()
     for vm in vms.values():
         vm.boot()
@@ -168,6 +193,8 @@ def _run_inside(scenario: Scenario, result: RunResult, clock: _Clock,
         for name, vm in vms.items():
             before[name] = vm.snapshot()
             (result.run_dir / f"{name}.before.interrupts").write_text(before[name].raw_interrupts)
+        if host is not None:
+            host.snapshot_before()
     with clock.phase("workload"):
         for workload in scenario.workloads:
             label = workload.name or " ".join(workload.run)
@@ -180,8 +207,16 @@ def _run_inside(scenario: Scenario, result: RunResult, clock: _Clock,
             (result.run_dir / f"{workload.vm}.workload.log").open("a").write(
                 f"$ {label}\n{done.stdout}{done.stderr}[exit {done.exit_status}]\n")
     with clock.phase("verdict"):
+        afters = {}
         for name, vm in vms.items():
-            after = vm.snapshot()
-            (result.run_dir / f"{name}.after.interrupts").write_text(after.raw_interrupts)
-            result.verdicts += vector_verdicts(name, vm.placed, before[name], after)
+            afters[name] = vm.snapshot()
+            (result.run_dir / f"{name}.after.interrupts").write_text(afters[name].raw_interrupts)
+        if host is not None:
+            host.snapshot_after()  # while the guests run: vfio lines vanish with QEMU
+            result.host_wiring = [w.to_dict() for w in host.wiring]
+            result.host_notes = ([host.wiring_note] if host.wiring_note else []) + [
+                f"anomaly {a.kind}: {a.message}" for a in host.tracker.anomalies]
+        for name, vm in vms.items():
+            result.verdicts += vector_verdicts(name, vm.placed, before[name], afters[name],
+                                               host)
         result.expectations = [check(e, result.verdicts) for e in scenario.expect]

@@ -171,7 +171,10 @@ class KprobeSession:
             raise HostError("tracefs", f"writing {text!r} to {path}: {exc.strerror}") from exc
 
     def start(self) -> None:
+        """Add and enable everything; the trace buffer is cleared first, as trace-cmd does,
+        so that what :meth:`read` returns comes from this session."""
         available = self._available()
+        self._write("trace", "", append=False)
         try:
             for probe in self.probes:
                 if probe.symbol not in available:

@@ -58,6 +58,8 @@ def to_dict(result: RunResult) -> dict[str, Any]:
                                            for i, k, b in vm.devices]} for vm in result.vms],
         "workloads": [asdict(w) for w in result.workloads],
         "vectors": [verdict_dict(v) for v in result.verdicts],
+        "host_wiring": result.host_wiring,
+        "host_notes": result.host_notes,
         "expectations": [{"vm": e.expectation.vm, "device": e.expectation.device,
                           "path": e.expectation.path.value, "passed": e.passed,
                           "message": e.message} for e in result.expectations],

@@ -28,6 +28,12 @@ def format_summary(result: RunResult) -> str:
             [[v.vm, v.device, v.bdf, "-" if v.entry is None else v.entry, v.name, v.irq,
               v.guest_delta, "-" if v.host_delta is None else v.host_delta,
               v.path.value if v.path else "?"] for v in result.verdicts]))
+    if result.host_wiring or result.host_notes:
+        out.append("")
+        for wire in result.host_wiring:
+            out.append(f"  host {wire['bdf']} entry {wire['entry']}: {wire['summary']}")
+        for note in result.host_notes:
+            out.append(f"  host: {note}")
     if result.workloads:
         out.append("")
         for w in result.workloads:
