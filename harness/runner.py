@@ -175,8 +175,10 @@ def _run_inside(scenario: Scenario, result: RunResult, clock: _Clock,
         if host.wiring_note:
             progress(host.wiring_note)
     boot_started = time.monotonic()
+    for vm in vms.values():  # all QEMUs first: the guests boot side by side
+        vm.launch()
     for vm in vms.values():
-        vm.boot()
+        vm.wait_ready()
     boot_total = time.monotonic() - boot_started
     if len(vms) == 1:
         result.phases += [Phase(n, s) for n, s in next(iter(vms.values())).times.phases()]

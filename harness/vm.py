@@ -66,6 +66,8 @@ class GuestVM:
     ssh: GuestSSH | None = None
     agent: GuestAgent | None = None
     times: BootTimes = field(default_factory=BootTimes)
+    _client_key: ClientKey | None = None
+    _ssh_user: str = "root"
     _scratch: list[Path] = field(default_factory=list)
 
     @property
@@ -144,7 +146,8 @@ class GuestVM:
 
     # --- boot --------------------------------------------------------------------------------
 
-    def boot(self) -> None:
+    def launch(self) -> None:
+        """Start QEMU and return at once; :meth:`wait_ready` waits for the guest."""
         if self.accel is None:
             self.prepare()
         assert self.accel is not None
@@ -163,6 +166,19 @@ class GuestVM:
         self.progress(f"{self.name}: starting QEMU ({accel}, {self.spec.cpus} vCPU, "
                       f"{self.spec.memory_mib} MiB)")
         self.machine.launch()
+        self._client_key = client_key
+        self._ssh_user = user
+
+    def boot(self) -> None:
+        """Launch and wait until the guest answers over SSH."""
+        self.launch()
+        self.wait_ready()
+
+    def wait_ready(self) -> None:
+        """Init started, host key on the console, SSH up, agent answering."""
+        if self.machine is None or self._client_key is None:
+            raise GuestError(self.name, "not launched")
+        client_key, user = self._client_key, self._ssh_user
         assert self.machine.console is not None
         console = self.machine.console
         assert self.machine.launched_at is not None and self.machine.qmp_ready_at is not None

@@ -4,6 +4,9 @@ QEMU runs in its own process group under ``setpriv --pdeathsig KILL``, so it die
 harness even when the harness is SIGKILLed; QMP and the serial console are socketpairs, so no
 socket exists on the filesystem.  Shutdown is a ladder (QMP quit, SIGTERM, SIGKILL to the
 group), idempotent, and run from ``__exit__`` on every path.
+
+The parent-death signal follows the *thread* that started QEMU: launch from a thread that
+lives as long as the Machine (the main thread, as the CLI and pytest do).
 """
 
 from __future__ import annotations

@@ -38,15 +38,19 @@ def smoke_vm(**overrides: object) -> VM:
     return VM(**spec)  # type: ignore[arg-type]
 
 
-def qemu_pids() -> set[int]:
+def qemu_pids(parent: int | None = None) -> set[int]:
+    """QEMU processes on the host, or only the children of ``parent``."""
     pids = set()
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
             try:
-                if (entry / "comm").read_text().startswith("qemu-system"):
-                    pids.add(int(entry.name))
-            except OSError:
+                if not (entry / "comm").read_text().startswith("qemu-system"):
+                    continue
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
                 continue
+            if parent is None or ppid == parent:
+                pids.add(int(entry.name))
     return pids
 
 
@@ -172,7 +176,6 @@ def test_sigkill_of_the_harness_leaves_no_qemu(tmp_path: Path) -> None:
         "name: long\nvms:\n  - name: g\n    memory_mib: 256\n    devices:\n"
         "      - {kind: virtio-net, id: net0}\n"
         "workloads:\n  - {vm: g, run: [sleep, '600'], timeout_s: 900}\n")
-    before = qemu_pids()
     harness = subprocess.Popen(
         [sys.executable, "-m", "harness.cli", "run", str(scenario), "--out", str(tmp_path)],
         stderr=subprocess.PIPE, text=True, cwd=REPO)
@@ -183,7 +186,7 @@ def test_sigkill_of_the_harness_leaves_no_qemu(tmp_path: Path) -> None:
                 break
         else:
             pytest.fail(f"the harness never reached the workload (exit {harness.wait()})")
-        ours = qemu_pids() - before
+        ours = qemu_pids(parent=harness.pid)  # setpriv execs QEMU: its parent is the harness
         assert ours, "QEMU should be running the guest now"
         os.kill(harness.pid, signal.SIGKILL)
         harness.wait()
@@ -252,3 +255,24 @@ def test_a_cloud_image_boots_with_the_seed(tmp_path: Path) -> None:
         vm.boot()
         snap = vm.snapshot()
         assert snap.device("0000:00:03.0") is not None
+
+
+def test_two_guests_boot_side_by_side_and_are_counted_apart(tmp_path: Path) -> None:
+    from harness.config import load_scenario_text
+    from harness.runner import run_scenario
+
+    scenario = load_scenario_text(
+        "name: pair\nvms:\n"
+        "  - {name: a, memory_mib: 256, devices: [{kind: virtio-net, id: net0}]}\n"
+        "  - {name: b, memory_mib: 256, devices: [{kind: virtio-net, id: net0}]}\n"
+        "workloads:\n  - {vm: a, run: [ping, -q, -c, '30', -i, '0.01', 10.0.2.2]}\n"
+        "expect:\n  - {vm: a, device: net0, path: emulated, vectors: ['*-input.*'],"
+        " min_delta: 30}\n", str(tmp_path / "pair.yaml"))
+    result = run_scenario(scenario, "pair.yaml", tmp_path / "run")
+    assert result.error is None, result.error
+    assert result.passed
+    ports = {vm.ssh_port for vm in result.vms}
+    assert len(ports) == 2, "each guest has its own forwarded port"
+    inputs = {v.vm: v.guest_delta for v in result.verdicts if v.name == "virtio0-input.0"}
+    assert inputs["a"] >= 30
+    assert inputs["b"] < inputs["a"], "b's counts must not include a's workload"
