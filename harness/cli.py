@@ -127,6 +127,8 @@ def _read(path: Path) -> str:
         return path.read_text()
     except OSError as exc:
         raise UsageError(f"{path}: {exc.strerror}") from exc
+    except UnicodeDecodeError as exc:
+        raise UsageError(f"{path}: not a text file (byte {exc.start} is not UTF-8)") from exc
 
 
 def handle_irq_diff(req: IrqDiffRequest) -> int:

@@ -11,7 +11,7 @@ import fnmatch
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from harness.config.model import DeliveryPath, Expectation
+from harness.config.model import DeliveryPath, Expectation, entry_number
 
 # Host/guest ratio bands.  A bounce raises the host count once per guest interrupt (sampling
 # while the guest runs can lose a few at either end); posting leaves the host count alone.
@@ -68,8 +68,10 @@ def classify(emulated: bool, guest_delta: int, host_delta: int | None,
     if wiring.posted and ratio <= POSTED_MAX_RATIO:
         return DeliveryPath.POSTED, f"IRTE posted and the host did not see the IRQs ({numbers})"
     if ratio < BOUNCE_MIN_RATIO:
-        return None, (f"the host saw too few IRQs for a bounce ({numbers}) and the IRTE "
-                      f"is not posted{': ' + wiring.detail if wiring.detail else ''}")
+        posted = ("the IRTE is posted, yet the host saw more IRQs than posting allows"
+                  if wiring.posted else "the IRTE is not posted")
+        return None, (f"the host saw too few IRQs for a bounce ({numbers}) and {posted}"
+                      f"{': ' + wiring.detail if wiring.detail else ''}")
     if wiring.connected:
         return DeliveryPath.IRQFD_BOUNCE, (f"producer connected to a KVM irqfd consumer, "
                                            f"every IRQ went through the host ({numbers})")
@@ -97,8 +99,9 @@ def _selected(expectation: Expectation,
     chosen: list[VectorVerdict] = []
     unmatched = []
     for pattern in expectation.vectors:
-        if pattern.isdigit():
-            hits = [v for v in mine if v.entry == int(pattern)]
+        entry = entry_number(pattern)
+        if entry is not None:
+            hits = [v for v in mine if v.entry == entry]
         else:
             hits = [v for v in mine if fnmatch.fnmatchcase(v.name, pattern)]
         if not hits:

@@ -44,7 +44,6 @@ _SURPRISING_INT = re.compile(r"[-+]?0[0-7_]+|[-+]?[0-9][0-9_]*(:[0-5]?[0-9])+")
 
 _SLOTS = range(0x01, 0x1f)  # q35: 0x00 is the host bridge, 0x1f the ICH9 functions
 _MSIX_ENTRIES = range(2048)
-_DECIMAL = re.compile(r"[-+]?[0-9]+")
 
 
 def load_scenario(path: str | os.PathLike[str]) -> model.Scenario:
@@ -398,8 +397,9 @@ class _Checker:
                                    "posted, irqfd-bounce or userspace-bounce")
 
     def check_vector(self, vector: str, path: str) -> None:
-        if _DECIMAL.fullmatch(vector):
-            if int(vector) not in _MSIX_ENTRIES:
+        entry = model.entry_number(vector)
+        if entry is not None:
+            if entry not in _MSIX_ENTRIES:
                 raise self.error(path, f"MSI-X entry numbers are 0..{_MSIX_ENTRIES.stop - 1}, "
                                        f"got {vector!r}")
         elif not vector.strip() or vector != vector.strip():

@@ -9,8 +9,16 @@ editors (:mod:`harness.config.schema`) is generated from the same classes.  Fiel
 from __future__ import annotations
 
 import enum
+import re
 from dataclasses import dataclass, field
 from typing import Literal
+
+_ENTRY = re.compile(r"[-+]?[0-9]+")  # ASCII digits only: "²".isdigit() is True
+
+
+def entry_number(vector: str) -> int | None:
+    """An expectation's vector given as an MSI-X entry number, or None for a name pattern."""
+    return int(vector) if _ENTRY.fullmatch(vector) else None
 
 
 def doc(text: str, **kwargs: object) -> dict[str, object]:
@@ -51,8 +59,6 @@ class VirtioNet:
     addr: int | None = field(default=None, metadata=doc("PCI slot on the root bus"))
     ssh: bool = field(default=True, metadata=doc(
         "forward the guest's SSH port over this NIC (user-mode network, 127.0.0.1 only)"))
-    queues: int = field(default=1, metadata=doc("queue pairs (vectors = 2*queues + 1)",
-                                                minimum=1, maximum=8))
 
 
 @dataclass(frozen=True)

@@ -116,7 +116,7 @@ class GuestSSH:
                 raise GuestError(self.name, "QEMU exited before SSH came up", console_tail())
             if time.monotonic() + delay >= deadline:
                 raise GuestError(self.name, f"SSH on 127.0.0.1:{self.port} not ready within "
-                                 f"{timeout:.0f} s: {last}", console_tail())
+                                 f"{timeout:g} s: {last}", console_tail())
             # The guest's sshd is starting; slirp accepts and then resets until it listens.
             time.sleep(delay)
             delay = min(delay * 2, 0.5)

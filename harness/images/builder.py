@@ -98,7 +98,7 @@ class Recipe:
         if not (folder / "packages.txt").is_file():
             raise ImageError(f"guest image recipe {name!r}: {folder}/packages.txt not found")
         requests = []
-        for number, line in enumerate(_lines(folder / "packages.txt"), start=1):
+        for number, line in _numbered_lines(folder / "packages.txt"):
             role, _, package = line.partition(" ")
             if role not in ("kernel", "package") or not package.strip():
                 raise ImageError(f"{folder / 'packages.txt'}:{number}: expected "
@@ -116,11 +116,16 @@ class Recipe:
             yield from sorted(p for p in folder.rglob("*") if p.is_file())
 
 
-def _lines(path: Path) -> Iterator[str]:
-    for raw in path.read_text().splitlines():
+def _numbered_lines(path: Path) -> Iterator[tuple[int, str]]:
+    """Non-blank lines without comments, with their line number in the file."""
+    for number, raw in enumerate(path.read_text().splitlines(), start=1):
         line = raw.split("#", 1)[0].strip()
         if line:
-            yield line
+            yield number, line
+
+
+def _lines(path: Path) -> Iterator[str]:
+    return (line for _, line in _numbered_lines(path))
 
 
 def _run(argv: list[str], what: str, cwd: Path | None = None) -> str:

@@ -14,8 +14,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from harness.config.model import VM, Device, E1000e, IvshmemDoorbell, VfioPci, VirtioBlk, VirtioNet
+from harness.errors import UsageError
 
-FIRST_SLOT = 0x03  # q35 puts the VGA-less machine's own devices below this
+FIRST_SLOT = 0x03  # automatic placement starts here; 0x01-0x02 stay free for explicit addr
+LAST_SLOT = 0x1E  # q35's ICH9 functions (LPC, SATA, SMBus) sit at 0x1f
 SSH_GUEST_PORT = 22
 
 
@@ -46,8 +48,15 @@ class DeviceResources:
 def place_devices(devices: Sequence[Device]) -> tuple[PlacedDevice, ...]:
     """Give each device its slot: explicit ``addr`` values first, then the lowest free slots."""
     taken = {d.addr for d in devices if d.addr is not None}
-    free = (slot for slot in range(FIRST_SLOT, 0x20) if slot not in taken)
-    return tuple(PlacedDevice(d, d.addr if d.addr is not None else next(free)) for d in devices)
+    free = iter([slot for slot in range(FIRST_SLOT, LAST_SLOT + 1) if slot not in taken])
+    placed = []
+    for d in devices:
+        slot = d.addr if d.addr is not None else next(free, None)
+        if slot is None:
+            raise UsageError(f"device {d.id}: no free slot on the root bus "
+                             f"({FIRST_SLOT:#04x}..{LAST_SLOT:#04x}); give fewer devices")
+        placed.append(PlacedDevice(d, slot))
+    return tuple(placed)
 
 
 def device_mac(device_id: str, slot: int) -> str:
@@ -84,8 +93,6 @@ def virtio_net_args(placed: PlacedDevice) -> list[str]:
     assert isinstance(dev, VirtioNet)
     props: dict[str, object] = {"netdev": dev.id, "id": dev.id, "mac": placed.mac,
                                 "addr": f"0x{placed.slot:02x}"}
-    if dev.queues > 1:
-        props.update(mq=True, vectors=2 * dev.queues + 2)
     return [*_user_netdev(placed), "-device", _props("virtio-net-pci", props)]
 
 

@@ -67,8 +67,9 @@ class Console:
                         self._cond.notify_all()
         with self._cond:
             if partial:
-                self._lines.append(ConsoleLine(time.monotonic(), partial.decode("utf-8",
-                                                                                "replace")))
+                text = partial.decode("utf-8", "replace").rstrip("\r")
+                self._lines.append(ConsoleLine(time.monotonic(), text))
+                self._tail.append(text)
             self._closed = True
             self._cond.notify_all()
 
@@ -103,7 +104,7 @@ class Console:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     raise GuestError(self.name, f"no {what or regex.pattern!r} on the console "
-                                     f"within {timeout:.0f} s", "\n".join(self._tail))
+                                     f"within {timeout:g} s", "\n".join(self._tail))
                 self._cond.wait(remaining)
 
     def first_time(self, pattern: str) -> float | None:

@@ -160,7 +160,7 @@ class Machine:
         try:
             self.exit_code = self._proc.wait(timeout)
         except subprocess.TimeoutExpired as exc:
-            raise LaunchError(self.name, f"still running after {timeout:.0f} s",
+            raise LaunchError(self.name, f"still running after {timeout:g} s",
                               self.argv) from exc
         return self.exit_code
 
@@ -175,15 +175,17 @@ class Machine:
         self._teardown(grace=timeout)
 
     def _teardown(self, grace: float) -> None:
+        # The budget: half for quit and the exit after it, half for SIGTERM, then SIGKILL.
         proc = self._proc
+        quit_deadline = time.monotonic() + grace / 2
         if proc is not None and proc.poll() is None and self.qmp is not None and grace > 0:
             try:
-                self.qmp.execute("quit", timeout=min(grace, 3.0))
+                self.qmp.execute("quit", timeout=grace / 2)
             except HarnessError as exc:
                 self._log.debug("quit: %s", exc)
         if proc is not None:
-            for sig, wait in ((None, grace / 2), (signal.SIGTERM, grace / 2),
-                              (signal.SIGKILL, 5.0)):
+            for sig, wait in ((None, max(quit_deadline - time.monotonic(), 0.0)),
+                              (signal.SIGTERM, grace / 2), (signal.SIGKILL, 5.0)):
                 if sig is not None:
                     self._log.debug("sending %s to process group %d", sig.name, proc.pid)
                     try:

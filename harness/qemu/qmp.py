@@ -50,6 +50,9 @@ class QmpChannel:
         return f"<QmpChannel {self.name} {self._client.runstate.name}>"
 
     def _call(self, coro: Coroutine[Any, Any, T], timeout: float) -> T:
+        if self._loop.is_closed() or not self._thread.is_alive():
+            coro.close()
+            raise QmpError("call", "the QMP channel is closed")
         future = asyncio.run_coroutine_threadsafe(coro, self._loop)
         try:
             return future.result(timeout)
@@ -87,10 +90,10 @@ class QmpChannel:
             result = self._call(self._client.execute(command, arguments), timeout)
         except ExecuteError as exc:
             raise QmpError(command, str(exc), exc.error_class) from exc
+        except concurrent.futures.TimeoutError as exc:  # an OSError since 3.11: first
+            raise QmpError(command, f"no answer within {timeout:g} s") from exc
         except (QMPError, OSError, EOFError) as exc:
             raise QmpError(command, f"{type(exc).__name__}: {exc}") from exc
-        except concurrent.futures.TimeoutError as exc:
-            raise QmpError(command, f"no answer within {timeout:.0f} s") from exc
         self._log.debug("QMP <- %s", result)
         return result
 

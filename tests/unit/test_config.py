@@ -61,7 +61,7 @@ def test_full_scenario_builds_exactly_the_model() -> None:
                 name="host-a", machine="q35", accel=Accel.KVM, cpus=4, memory_mib=1024,
                 image=BuiltinImage(kind="builtin", recipe="debian-cloud"),
                 devices=(
-                    VirtioNet(kind="virtio-net", id="net0", addr=0x03, queues=2),
+                    VirtioNet(kind="virtio-net", id="net0", addr=0x03),
                     E1000e(kind="e1000e", id="nic1", ssh=False),
                     VirtioBlk(kind="virtio-blk", id="disk0", size_mib=16),
                     IvshmemDoorbell(kind="ivshmem-doorbell", id="bell0", vectors=4, size_mib=2),
@@ -187,7 +187,7 @@ INVALID: list[tuple[str, str, bool]] = [
      "bad-unknown-top-key.yaml:6: workload: unknown key (did you mean 'workloads'?); allowed "
      "keys: name, vms, description, workloads, expect, timeouts", True),
     ("bad-key-of-other-kind.yaml",
-     "bad-key-of-other-kind.yaml:8: vms[0].devices[0].queues: unknown key; allowed keys: "
+     "bad-key-of-other-kind.yaml:8: vms[0].devices[0].size_mib: unknown key; allowed keys: "
      "kind, id, addr, ssh", True),
     ("bad-missing-required.yaml",
      "bad-missing-required.yaml:7: vms[0].devices[1].host: missing required key", True),
@@ -341,8 +341,8 @@ def test_invalid_file_gives_one_exact_line(name: str, message: str, schema_rejec
      "s.yaml:4: vms[0].append: expected a string, got on (quote it to use it as text)"),
     ("name: n\nvms:\n  - name: vm\n    devices: [{kind: e1000e, id: e, ssh: 1}]\n",
      "s.yaml:4: vms[0].devices[0].ssh: expected a boolean (true or false), got 1"),
-    ("name: n\nvms:\n  - name: vm\n    devices: [{kind: virtio-net, id: e, queues: 0x41}]\n",
-     "s.yaml:4: vms[0].devices[0].queues: must be at most 8, got 0x41"),
+    ("name: n\nvms:\n  - name: vm\n    devices: [{kind: virtio-blk, id: e, size_mib: 0x10001}]\n",
+     "s.yaml:4: vms[0].devices[0].size_mib: must be at most 65536, got 0x10001"),
     ("name: n\nvms:\n  - name: vm\n    devices: [{kind: 5, id: e}]\n",
      "s.yaml:4: vms[0].devices[0].kind: expected a string, got 5 (quote it to use it as text)"),
     ("name: n\nvms:\n  - name: vm\n    accel: 1\n",
