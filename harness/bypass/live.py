@@ -29,8 +29,8 @@ def describe(record: TraceRecord) -> str:
         "prod": "register producer", "prod_ret": "  -> producer registration returned",
         "cons": "register consumer", "cons_ret": "  -> consumer registration returned",
         "unprod": "unregister producer", "uncons": "unregister consumer",
-        "addp": "  KVM add_producer (connect)", "addp_ret": "  -> add_producer returned",
-        "delp": "  KVM del_producer (disconnect)", "irqfd": "KVM_IRQFD",
+        "connect": "  KVM add_producer (connect)", "connect_ret": "  -> add_producer returned",
+        "disconnect": "  KVM del_producer (disconnect)", "kvm_irqfd": "KVM_IRQFD",
     }.get(record.event, record.event)
     fields = " ".join(f"{k}={v}" for k, v in record.fields) or record.body
     return f"{record.timestamp:14.6f} {record.task}-{record.pid:<7} {what} {fields}"

@@ -52,11 +52,16 @@ def probe_specs(release: str) -> list[ProbeSpec]:
         cons = "cons=$arg1:x64 token=$arg2:x64"
         unprod = "prod=$arg1:x64 token=+0($arg1):x64 irq=+16($arg1):s32"
         uncons = "cons=$arg1:x64 token=+0($arg1):x64"
+        # In add_producer both sides are registered, so their eventfd fields are valid.
+        pair = ("cons=$arg1:x64 ctoken=+0($arg1):x64 prod=$arg2:x64 ptoken=+0($arg2):x64 "
+                "irq=+16($arg2):s32")
     else:
         prod = "prod=$arg1:x64 token=+16($arg1):x64 irq=+24($arg1):s32"
         cons = "cons=$arg1:x64 token=+16($arg1):x64"
         unprod = "prod=$arg1:x64 token=+16($arg1):x64 irq=+24($arg1):s32"
         uncons = "cons=$arg1:x64 token=+16($arg1):x64"
+        pair = ("cons=$arg1:x64 ctoken=+16($arg1):x64 prod=$arg2:x64 ptoken=+16($arg2):x64 "
+                "irq=+24($arg2):s32")
     return [
         ProbeSpec("prod", "irq_bypass_register_producer", prod),
         ProbeSpec("prod_ret", "irq_bypass_register_producer", "ret=$retval:s32", ret=True),
@@ -64,15 +69,13 @@ def probe_specs(release: str) -> list[ProbeSpec]:
         ProbeSpec("cons_ret", "irq_bypass_register_consumer", "ret=$retval:s32", ret=True),
         ProbeSpec("unprod", "irq_bypass_unregister_producer", unprod),
         ProbeSpec("uncons", "irq_bypass_unregister_consumer", uncons),
-        ProbeSpec("addp", "kvm_arch_irq_bypass_add_producer", "cons=$arg1:x64 prod=$arg2:x64",
-                  optional=True),
-        ProbeSpec("addp_ret", "kvm_arch_irq_bypass_add_producer", "ret=$retval:s32", ret=True,
-                  optional=True),
-        ProbeSpec("delp", "kvm_arch_irq_bypass_del_producer", "cons=$arg1:x64 prod=$arg2:x64",
-                  optional=True),
+        ProbeSpec("connect", "kvm_arch_irq_bypass_add_producer", pair, optional=True),
+        ProbeSpec("connect_ret", "kvm_arch_irq_bypass_add_producer", "ret=$retval:s32",
+                  ret=True, optional=True),
+        ProbeSpec("disconnect", "kvm_arch_irq_bypass_del_producer", pair, optional=True),
         # fd and GSI of each KVM_IRQFD: the next consumer registered by the task is its irqfd.
-        ProbeSpec("irqfd", "kvm_irqfd", "fd=+0($arg2):s32 gsi=+4($arg2):u32 flags=+8($arg2):x32",
-                  optional=True),
+        ProbeSpec("kvm_irqfd", "kvm_irqfd",
+                  "fd=+0($arg2):s32 gsi=+4($arg2):u32 flags=+8($arg2):x32", optional=True),
     ]
 
 
@@ -206,6 +209,9 @@ class BypassTracker:
         self.connect_probes = connect_probes
         self._calls: dict[int, list[_Call]] = {}
         self._pending_irqfd: dict[int, tuple[int, int]] = {}  # pid -> (fd, gsi)
+        # Producers the model disconnected in an unregister on this task: the kernel's
+        # del_producer record for them comes next, nested in the same call.
+        self._disconnecting: dict[int, set[int]] = {}
 
     def _anomaly(self, record: TraceRecord, kind: str, message: str) -> None:
         log.info("bypass anomaly %s: %s", kind, message)
@@ -236,12 +242,16 @@ class BypassTracker:
             consumer = self.consumers.setdefault(call.addr, KernelConsumer(call.addr))
             consumer.fd, consumer.gsi = irqfd
 
-    def _on_irqfd(self, r: TraceRecord) -> None:
+    def _on_kvm_irqfd(self, r: TraceRecord) -> None:
         flags = r.int("flags") or 0
         if not flags & 1:  # KVM_IRQFD_FLAG_DEASSIGN clear: an assignment
             self._pending_irqfd[r.pid] = (r.int("fd") or -1, r.int("gsi") or 0)
 
-    def _on_addp(self, r: TraceRecord) -> None:
+    def _on_connect(self, r: TraceRecord) -> None:
+        ctoken, ptoken = r.int("ctoken"), r.int("ptoken")
+        if ctoken is not None and ptoken is not None and ctoken != ptoken:
+            self._anomaly(r, "token-mismatch", f"the kernel connected consumer token "
+                          f"{ctoken:#x} to producer token {ptoken:#x}")
         stack = self._calls.get(r.pid)
         if not stack:
             self._anomaly(r, "connect-outside-register",
@@ -249,7 +259,7 @@ class BypassTracker:
             return
         stack[-1].adds.append((r.int("cons") or 0, r.int("prod") or 0, None))
 
-    def _on_addp_ret(self, r: TraceRecord) -> None:
+    def _on_connect_ret(self, r: TraceRecord) -> None:
         stack = self._calls.get(r.pid)
         if stack and stack[-1].adds:
             cons, prod, _ = stack[-1].adds[-1]
@@ -322,15 +332,24 @@ class BypassTracker:
     def _on_unprod(self, r: TraceRecord) -> None:
         producer = self.producers.get(r.int("prod") or 0)
         if producer is not None:
+            if producer.consumer is not None:
+                self._disconnecting.setdefault(r.pid, set()).add(producer.addr)
             self.manager.unregister_producer(producer)
 
     def _on_uncons(self, r: TraceRecord) -> None:
         consumer = self.consumers.get(r.int("cons") or 0)
         if consumer is not None:
+            if isinstance(consumer.producer, KernelProducer):
+                self._disconnecting.setdefault(r.pid, set()).add(consumer.producer.addr)
             self.manager.unregister_consumer(consumer)
 
-    def _on_delp(self, r: TraceRecord) -> None:
-        prod = self.producers.get(r.int("prod") or 0)
+    def _on_disconnect(self, r: TraceRecord) -> None:
+        addr = r.int("prod") or 0
+        expected = self._disconnecting.get(r.pid, set())
+        if addr in expected:
+            expected.discard(addr)
+            return
+        prod = self.producers.get(addr)
         if prod is not None and prod.consumer is None and prod.token is not None:
             self._anomaly(r, "unexpected-disconnect", f"producer {prod.addr:#x}: the kernel "
                           "disconnected a pair the model never connected")
