@@ -86,32 +86,37 @@ def _run_dir(out: Path | None, name: str) -> Path:
 
 
 def handle_run(req: RunRequest) -> int:
-    from harness.config import load_scenario
+    """Every scenario of the file, in order; the exit code is the worst of them."""
+    from harness.config import load_scenarios
     from harness.report.json_report import write_json
     from harness.report.junit import write_junit
     from harness.report.summary import format_summary
     from harness.runner import run_scenario
 
-    scenario = load_scenario(req.scenario)
-    run_dir = _run_dir(req.out, scenario.name)
-    _progress(f"scenario {scenario.name}: run folder {run_dir}")
-    result = run_scenario(scenario, str(req.scenario), run_dir, _progress)
-    report = write_json(result, run_dir / "report.json")
-    write_junit(result, run_dir / "junit.xml")
-    print(format_summary(result))
-    print(f"report: {report}")
-    if result.error is not None:
-        return result.error.exit_code
-    return 0 if result.passed else 1
+    codes = []
+    for scenario in load_scenarios(req.scenario):
+        run_dir = _run_dir(req.out, scenario.name)
+        _progress(f"scenario {scenario.name}: run folder {run_dir}")
+        result = run_scenario(scenario, str(req.scenario), run_dir, _progress)
+        report = write_json(result, run_dir / "report.json")
+        write_junit(result, run_dir / "junit.xml")
+        summary = format_summary(result)
+        (run_dir / "summary.txt").write_text(summary + "\n")
+        print(summary)
+        print(f"report: {report}\n", flush=True)
+        codes.append(result.error.exit_code if result.error is not None
+                     else 0 if result.passed else 1)
+    return max(codes)
 
 
 def handle_validate(req: ValidateRequest) -> int:
-    from harness.config import load_scenario
+    from harness.config import load_scenarios
 
     for path in req.files:
-        scenario = load_scenario(path)
-        print(f"{path}: ok ({scenario.name}: {len(scenario.vms)} VM(s), "
-              f"{len(scenario.workloads)} workload(s), {len(scenario.expect)} expectation(s))")
+        for scenario in load_scenarios(path):
+            print(f"{path}: ok ({scenario.name}: {len(scenario.vms)} VM(s), "
+                  f"{len(scenario.workloads)} workload(s), {len(scenario.expect)} "
+                  "expectation(s))")
     return 0
 
 

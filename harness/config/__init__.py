@@ -1,10 +1,16 @@
 """Scenario files: YAML read once, at the edge, into frozen dataclasses; and their JSON Schema.
 
-``load_scenario`` is the only way in; anything it returns has passed every check, and anything
-wrong comes out as one :class:`~harness.errors.ConfigError` reading ``file:line: key.path: reason``.
+``load_scenario`` and ``load_scenarios`` (a file of several, run in order) are the only way
+in; anything they return has passed every check, and anything wrong comes out as one
+:class:`~harness.errors.ConfigError` reading ``file:line: key.path: reason``.
 """
 
-from harness.config.loader import load_scenario, load_scenario_text
+from harness.config.loader import (
+    load_scenario,
+    load_scenario_text,
+    load_scenarios,
+    load_scenarios_text,
+)
 from harness.config.model import (
     EMULATED_KINDS,
     VM,
@@ -48,6 +54,8 @@ __all__ = [
     "Workload",
     "load_scenario",
     "load_scenario_text",
+    "load_scenarios",
+    "load_scenarios_text",
     "scenario_json_schema",
     "scenario_json_schema_text",
 ]

@@ -49,6 +49,17 @@ _MSIX_ENTRIES = range(2048)
 def load_scenario(path: str | os.PathLike[str]) -> model.Scenario:
     """Read and check a scenario file; raises :class:`ConfigError` with file:line on any fault."""
     filename = os.fspath(path)
+    return load_scenario_text(_read(filename), filename)
+
+
+def load_scenarios(path: str | os.PathLike[str]) -> tuple[model.Scenario, ...]:
+    """Read a file of one or more scenarios (YAML documents separated by ``---``), run in
+    order: a matrix such as the same device over two delivery paths."""
+    filename = os.fspath(path)
+    return load_scenarios_text(_read(filename), filename)
+
+
+def _read(filename: str) -> str:
     try:
         with open(filename, encoding="utf-8") as stream:
             text = stream.read()
@@ -57,13 +68,31 @@ def load_scenario(path: str | os.PathLike[str]) -> model.Scenario:
     except UnicodeDecodeError as exc:
         raise ConfigError(filename, None, "",
                           f"not UTF-8 text ({exc.reason} at byte {exc.start})") from exc
-    return load_scenario_text(text, filename)
+    return text
 
 
 def load_scenario_text(text: str, filename: str) -> model.Scenario:
     """Check a scenario given as text; ``filename`` names it in errors and is the folder that
     relative image paths start from."""
-    root = _compose(text, filename)
+    documents = _compose_all(text, filename)
+    if len(documents) > 1:
+        raise ConfigError(filename, _line(documents[1]), "",
+                          f"holds {len(documents)} scenarios where one was expected")
+    return _build_scenario(documents[0], filename)
+
+
+def load_scenarios_text(text: str, filename: str) -> tuple[model.Scenario, ...]:
+    scenarios: list[model.Scenario] = []
+    for root in _compose_all(text, filename):
+        scenario = _build_scenario(root, filename)
+        if any(s.name == scenario.name for s in scenarios):
+            raise ConfigError(filename, _line(root), "name",
+                              f"scenario {scenario.name!r} appears twice in the file")
+        scenarios.append(scenario)
+    return tuple(scenarios)
+
+
+def _build_scenario(root: yaml.Node, filename: str) -> model.Scenario:
     walker = _Walker(filename)
     if not isinstance(root, yaml.MappingNode):
         raise ConfigError(filename, _line(root), "",
@@ -75,6 +104,25 @@ def load_scenario_text(text: str, filename: str) -> model.Scenario:
 
 
 # --- YAML -> nodes -----------------------------------------------------------------------------
+
+
+def _compose_all(text: str, filename: str) -> list[yaml.Node]:
+    """Every YAML document of the text as a node tree; at least one, none of them empty."""
+    try:
+        documents = list(yaml.compose_all(text, Loader=yaml.SafeLoader))
+    except yaml.YAMLError:
+        documents = [_compose(text, filename)]  # _compose words the error
+    if not documents:
+        return [_compose(text, filename)]
+    for root in documents:
+        _check_not_empty(root, filename)
+    return documents
+
+
+def _check_not_empty(root: yaml.Node | None, filename: str) -> None:
+    if root is None or (root.tag == _NULL and not root.value):  # nothing, or just "---"
+        raise ConfigError(filename, 1, "",
+                          "the file is empty; a scenario needs at least 'name' and 'vms'")
 
 
 def _compose(text: str, filename: str) -> yaml.Node:

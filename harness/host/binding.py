@@ -28,7 +28,7 @@ from types import TracebackType
 from typing import Protocol
 
 from harness.errors import HostError
-from harness.host.iommu import HostView
+from harness.host.iommu import HostView, group_members
 from harness.host.pci import read_pci_device
 from harness.interrupts import normalize_bdf
 
@@ -279,7 +279,7 @@ def refusal_reason(bdf: str, view: HostView) -> str | None:
     if device.in_use:
         return f"in use by the host: {device.in_use[0].reason}"
     if device.iommu_group is not None:
-        for member in view.listdir(f"/sys/kernel/iommu_groups/{device.iommu_group}/devices"):
+        for member in group_members(view, device.iommu_group):
             if member == bdf:
                 continue
             try:

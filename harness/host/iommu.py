@@ -31,6 +31,8 @@ T = TypeVar("T")
 #: A recorded tree stores what a command printed on the real host in a file at its root.
 #: Live (root ``/``) the command is run instead.
 COMMAND_FILES = {"dmesg": "dmesg.txt", "ip-addr": "ip-addr.json", "ip-route": "ip-route.json"}
+#: A recording that could not keep sysfs symlinks lists them here instead.
+SYMLINKS_FILE = "symlinks.txt"
 _LIVE_COMMANDS = {"dmesg": ["dmesg"],
                   "ip-addr": ["ip", "-j", "addr", "show"],
                   "ip-route": ["ip", "-j", "route", "show", "table", "all"]}
@@ -73,7 +75,7 @@ class LogLine:
 _BRACKETS = re.compile(r"(?:\[[^\]]*\]\s*)+")
 # dmesg -x: "kern  :info  : "; syslog: "Nov 21 05:31:00 host kernel: " / ISO time.
 _FACILITY = re.compile(r"[a-z]+\s*:[a-z]+\s*:\s")
-_SYSLOG = re.compile(r"(?:[A-Z][a-z]{2}\s+\d+\s+[\d:]+|\d{4}-\d\d-\d\dT\S+)\s+\S+\s+kernel:\s")
+_SYSLOG = re.compile(r"(?:[A-Za-z]{3}\s+\d+\s+[\d:]+|\d{4}-\d\d-\d\dT\S+)\s+\S+\s+kernel:\s")
 
 
 def _strip_log_prefix(raw: str) -> str:
@@ -132,6 +134,18 @@ class HostView:
     def __init__(self, root: Path = Path("/")) -> None:
         self.root = Path(root)
         self.live = self.root.resolve() == Path("/")
+        self._links = {} if self.live else self._recorded_links()
+
+    def _recorded_links(self) -> dict[str, str]:
+        """``symlinks.txt`` (``<host path> -> <target>`` per line): links a recording kept
+        as text instead of as symlinks."""
+        text = self.read_text(SYMLINKS_FILE)
+        links = {}
+        for line in (text or "").splitlines():
+            path, sep, target = line.partition(" -> ")
+            if sep:
+                links[path.strip().rstrip("/")] = target.strip()
+        return links
 
     def __repr__(self) -> str:
         return f"<HostView {self.root}{' (live)' if self.live else ''}>"
@@ -157,19 +171,24 @@ class HostView:
 
     def listdir(self, host_path: str) -> tuple[str, ...]:
         try:
-            return tuple(sorted(os.listdir(self.path(host_path))))
+            names = set(os.listdir(self.path(host_path)))
         except OSError:
-            return ()
+            names = set()
+        prefix = host_path.rstrip("/") + "/"
+        names.update(p[len(prefix):] for p in self._links
+                     if p.startswith(prefix) and "/" not in p[len(prefix):])
+        return tuple(sorted(names))
 
     def exists(self, host_path: str) -> bool:
-        return os.path.lexists(self.path(host_path))
+        return os.path.lexists(self.path(host_path)) or host_path.rstrip("/") in self._links
 
     def link_name(self, host_path: str) -> str | None:
         """The last component of a symlink's target (``driver`` -> ``"e1000e"``)."""
         try:
             return os.path.basename(os.readlink(self.path(host_path)))
         except OSError:
-            return None
+            target = self._links.get(host_path.rstrip("/"))
+            return os.path.basename(target) if target else None
 
     def realpath(self, host_path: str) -> str:
         """A path resolved inside the tree (symlinks in a fixture are relative, as in sysfs)."""
@@ -227,12 +246,13 @@ class HostView:
         if self.live:
             return platform.machine() or "unknown"
         kernel_log = self.kernel_log
-        arm = re.compile(r"^(?:Booting Linux on physical CPU|GICv3:|kvm \[\d+\]:|ITS[ @])")
-        x86 = re.compile(r"^(?:x86/|DMAR|AMD-Vi|smpboot: CPU0: (?:Intel|AMD))")
-        if kernel_log.first(arm):
-            return "aarch64"
+        x86 = re.compile(r"^(?:x86/|DMAR|AMD-Vi|smpboot: CPU0: (?:Intel|AMD)|x2apic)")
+        arm = re.compile(r"^(?:Booting Linux on physical CPU|GICv3:|ITS[ @]"
+                         r"|kvm \[\d+\]: (?:GIC|VHE|Hyp|nVHE|IPA))")
         if kernel_log.first(x86):
             return "x86_64"
+        if kernel_log.first(arm):
+            return "aarch64"
         return "unknown"
 
 
@@ -394,14 +414,18 @@ def _units(view: HostView) -> tuple[IommuUnit, ...]:
                                      f"{name}: bit 59 (posted interrupts) = {(cap >> 59) & 1}"),)
             elif name in units:
                 cap, ecap, evidence = units[name].cap, units[name].ecap, units[name].evidence
+            else:
+                evidence = (Evidence(f"{base}/intel-iommu/cap", raw or "(absent)",
+                                     f"{name} is an Intel DRHD; its capability register could "
+                                     "not be read"),)
             units[name] = IommuUnit(name, IommuVendor.INTEL, cap, ecap, evidence=evidence)
         elif view.exists(f"{base}/amd-iommu"):
             cap, _ = _read_hex(view, f"{base}/amd-iommu/cap")
             features, raw = _read_hex(view, f"{base}/amd-iommu/features")
-            evidence = ()
-            if features is not None:
-                evidence = (Evidence(f"{base}/amd-iommu/features", raw or "",
-                                     _amd_efr_meaning(features)),)
+            evidence = (Evidence(f"{base}/amd-iommu/features", raw or "(absent)",
+                                 _amd_efr_meaning(features) if features is not None else
+                                 f"{name} is an AMD IOMMU; its feature register could not be "
+                                 "read"),)
             units[name] = IommuUnit(name, IommuVendor.AMD, cap, features=features,
                                     evidence=evidence)
         else:
@@ -433,8 +457,18 @@ def _amd_efr_meaning(efr: int) -> str:
             f"{AMD_EFR_X2APIC}) = {bit(AMD_EFR_X2APIC)}")
 
 
+def group_members(view: HostView, group: str) -> tuple[str, ...]:
+    """Devices of an IOMMU group; from each device's ``iommu_group`` link if the group's
+    ``devices`` directory was not recorded."""
+    members = view.listdir(f"/sys/kernel/iommu_groups/{group}/devices")
+    if members:
+        return members
+    return tuple(bdf for bdf in view.listdir("/sys/bus/pci/devices")
+                 if view.link_name(f"/sys/bus/pci/devices/{bdf}/iommu_group") == group)
+
+
 def _groups(view: HostView) -> tuple[IommuGroup, ...]:
-    groups = [IommuGroup(g, view.listdir(f"/sys/kernel/iommu_groups/{g}/devices"))
+    groups = [IommuGroup(g, group_members(view, g))
               for g in view.listdir("/sys/kernel/iommu_groups")]
     return tuple(sorted(groups, key=lambda g: (len(g.group), g.group)))
 
@@ -489,6 +523,7 @@ _DMAR_IR = re.compile(r"DMAR-IR: Enabled IRQ remapping in (?P<mode>x2apic|xapic)
 _AMD_IR = re.compile(r"AMD-Vi: Interrupt remapping enabled")
 _AMD_X2APIC = re.compile(r"AMD-Vi: X2APIC enabled")
 _ITS = re.compile(r"^ITS(?: \[mem |@0x)")
+_VFIO_NO_IR = re.compile(r"vfio_iommu_type1_attach_group: No interrupt remapping support")
 
 
 def _interrupt_rows(view: HostView) -> tuple[Evidence | None, Evidence | None, Evidence | None]:
@@ -547,6 +582,10 @@ def _remapping(vendor: IommuVendor, view: HostView) -> tuple[Fact[bool | None], 
             kernel_log.source, "(no 'AMD-Vi: X2APIC enabled' line)",
             "the driver prints it right after 'Interrupt remapping enabled' when the IRTEs "
             "use x2APIC format; without it the mode is xAPIC"),))
+    vfio_no_ir = kernel_log.first(_VFIO_NO_IR)
+    if vfio_no_ir:
+        return Fact(False, (kernel_log.evidence(
+            vfio_no_ir[0], "VFIO found no interrupt remapping on this host"),)), Fact(None, ())
     if "off" in _split_values(intremap):
         ev_off = Evidence("/proc/cmdline", "intremap=" + ",".join(intremap),
                           "interrupt remapping is switched off on the command line")
@@ -652,9 +691,13 @@ def _intel_checks(view: HostView, units: tuple[IommuUnit, ...],
     checks.append(_check_cmdline_flag(view, "intremap", "nopost",
                                       "intremap=nopost disables interrupt posting"))
     if not _module_loaded(view, "kvm_intel"):
-        checks.append(Check("kvm-apicv", False, "kvm_intel is not loaded",
-                            (Evidence("/sys/module/kvm_intel", "(absent)",
-                                      "kvm_intel is not loaded"),)))
+        ev_mod = [Evidence("/sys/module/kvm_intel", "(absent)", "kvm_intel is not loaded")]
+        summary = "kvm_intel is not loaded"
+        if _module_loaded(view, "kvm_amd"):
+            ev_mod.append(Evidence("/sys/module/kvm_amd", "(loaded)", "KVM runs on SVM"))
+            summary = ("KVM runs on SVM (kvm_amd) but the IOMMU is Intel VT-d: AVIC cannot "
+                       "post through VT-d")
+        checks.append(Check("kvm-apicv", False, summary, tuple(ev_mod)))
     else:
         value, path = _module_param(view, "kvm_intel", "enable_apicv")
         flag = parse_module_bool(value)

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from harness.errors import HostError
-from harness.host.iommu import Evidence, HostView
+from harness.host.iommu import Evidence, HostView, group_members
 from harness.interrupts import normalize_bdf
 
 log = logging.getLogger(__name__)
@@ -265,10 +265,33 @@ def _block_in_use(view: HostView, disk: str) -> InUse | None:
     return InUse("block", disk, "; ".join(reasons), tuple(evidence))
 
 
+def _9p_in_use(view: HostView, bdf: str) -> list[InUse]:
+    """virtio-9p shares of the device that are mounted (the lab's L1 root is one)."""
+    found = []
+    mountinfo = view.read_text("/proc/self/mountinfo") or ""
+    for child in view.listdir(f"/sys/bus/pci/devices/{bdf}"):
+        tag_path = f"/sys/bus/pci/devices/{bdf}/{child}/mount_tag"
+        tag = view.read_value(tag_path)
+        if not child.startswith("virtio") or not tag:
+            continue
+        tag = tag.rstrip("\x00")
+        for line in mountinfo.splitlines():
+            fields = line.split(" - ", 1)
+            source = fields[1].split() if len(fields) == 2 else []
+            if len(source) > 1 and source[0] == "9p" and source[1] == tag:
+                point = fields[0].split()[4]
+                found.append(InUse("block", tag, f"9p share {tag!r} is mounted on {point}",
+                                   (Evidence(tag_path, tag, "the device's 9p mount tag"),
+                                    Evidence("/proc/self/mountinfo", line.strip(),
+                                             f"mounted on {point}"))))
+                break
+    return found
+
+
 def device_in_use(bdf: str, view: HostView) -> tuple[InUse, ...]:
-    """Network interfaces and block devices of ``bdf`` that the host is using."""
+    """Network interfaces, block devices and 9p shares of ``bdf`` that the host is using."""
     device_dir = view.realpath(f"/sys/bus/pci/devices/{bdf}")
-    found: list[InUse] = []
+    found: list[InUse] = _9p_in_use(view, bdf)
     for ifname in _under(view, "/sys/class/net", device_dir):
         use = _net_in_use(view, ifname)
         if use:
@@ -355,10 +378,6 @@ def read_pci_device(bdf: str, view: HostView) -> PciDevice:
         in_use=device_in_use(bdf, view))
 
 
-def group_members(group: str, view: HostView) -> tuple[str, ...]:
-    return view.listdir(f"/sys/kernel/iommu_groups/{group}/devices")
-
-
 @dataclass(frozen=True)
 class Assignability:
     """Whether VFIO could take ``device`` now, and every reason it could not."""
@@ -383,7 +402,7 @@ def check_assignable(bdf: str, view: HostView, *, iommu_on: bool) -> Assignabili
     reasons += [f"in use by the host: {u.reason}" for u in device.in_use]
     others: list[PciDevice] = []
     if device.iommu_group is not None:
-        for member in group_members(device.iommu_group, view):
+        for member in group_members(view, device.iommu_group):
             if member == device.bdf:
                 continue
             try:

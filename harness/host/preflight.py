@@ -168,8 +168,8 @@ def _accel(view: HostView, accel_probe: AccelProbe | None) -> AccelReport:
         if view.live:
             accel_probe = default_kvm_probe()
         else:
-            return AccelReport("unknown", None, f"not probed: {view.root} is a recorded host",
-                               tuple(evidence))
+            return AccelReport("unknown", None, "a recorded host: the KVM probe boots a guest "
+                               "and only runs on the live host", tuple(evidence))
     probe = accel_probe()
     evidence.append(Evidence("kvm probe", probe.reason,
                              "KVM can run a guest" if probe.usable else "KVM cannot run a guest"))
@@ -272,7 +272,8 @@ def format_preflight(report: PreflightReport) -> str:
     remap = {True: "on", False: "off", None: "unknown"}[iommu.remapping.value]
     mode = f" ({iommu.remapping_mode.value})" if iommu.remapping_mode.value else ""
     out.append(f"interrupt remapping: {remap}{mode}")
-    out += _evidence_lines(iommu.remapping.evidence + iommu.remapping_mode.evidence, "    ")
+    out += _evidence_lines(_unique(iommu.remapping.evidence + iommu.remapping_mode.evidence),
+                           "    ")
     if iommu.notes:
         out.append("kernel command line:")
         out += [f"    {e.value}" for e in iommu.notes]
@@ -305,6 +306,10 @@ def format_preflight(report: PreflightReport) -> str:
     return "\n".join(out) + "\n"
 
 
+def _unique(evidence: Sequence[Evidence]) -> tuple[Evidence, ...]:
+    return tuple(dict.fromkeys(evidence))
+
+
 def _facts(evidence: Sequence[Evidence]) -> list[dict[str, str]]:
     return [e.to_dict() for e in evidence]
 
@@ -332,8 +337,8 @@ def preflight_to_dict(report: PreflightReport) -> dict[str, object]:
                       for u in iommu.units],
             "groups": {g.group: list(g.devices) for g in iommu.groups},
             "remapping": {"value": iommu.remapping.value, "mode": iommu.remapping_mode.value,
-                          "evidence": _facts(iommu.remapping.evidence
-                                             + iommu.remapping_mode.evidence)},
+                          "evidence": _facts(_unique(iommu.remapping.evidence
+                                                     + iommu.remapping_mode.evidence))},
             "cmdline": _facts(iommu.notes),
         },
         "posting": {"verdict": iommu.posting.verdict.value, "reason": iommu.posting.reason,

@@ -296,7 +296,7 @@ def _build(recipe: Recipe, packages: tuple[PackageRef, ...], key: str, tmp: Path
     else:
         vmlinuz, moddir = user_kernel.kernel, user_kernel.modules
         release = user_kernel.release()
-    entries = _base_entries(trees)
+    entries = _base_entries(trees, recipe.folder)
     entries += _module_entries(moddir, release, recipe.modules, progress)
     progress(f"  writing initramfs ({len(entries)} entries)")
     with open(out / "initrd.cpio", "wb") as fh:
@@ -322,8 +322,15 @@ def _tree_entries(tree: Path) -> list[Entry]:
     return entries
 
 
-def _base_entries(trees: dict[str, Path]) -> list[Entry]:
+def _base_entries(trees: dict[str, Path], recipe_folder: Path) -> list[Entry]:
+    """busybox and its applets, the recipe's libraries and programs, /init, /etc, the agent.
+
+    A recipe with its own ``init`` file uses it instead of the shared guest init.
+    """
     shared = guest_images_dir()
+    init = recipe_folder / "init"
+    if not init.is_file():
+        init = shared / "initramfs" / "init"
     entries = [Entry.directory(d) for d in (
         "bin", "sbin", "usr", "usr/bin", "usr/sbin", "lib", "lib64", "etc", "etc/harness",
         "proc", "sys", "dev", "tmp", "run", "root", "var", "var/log", "lib/modules")]
@@ -337,7 +344,7 @@ def _base_entries(trees: dict[str, Path]) -> list[Entry]:
         if applet not in taken and applet != "linuxrc":
             entries.append(Entry.symlink(applet, "/bin/busybox"))
             taken.add(applet)
-    entries.append(Entry.file("init", (shared / "initramfs" / "init").read_bytes(), 0o755))
+    entries.append(Entry.file("init", init.read_bytes(), 0o755))
     for name in ("inittab", "passwd", "shells"):
         entries.append(Entry.file(f"etc/{name}", (shared / "initramfs" / name).read_bytes()))
     entries.append(Entry.file("etc/group", b"root:x:0:\n"))

@@ -257,8 +257,7 @@ INVALID: list[tuple[str, str, bool]] = [
      "bad-unclosed-quote.yaml:5: invalid YAML: found unexpected end of stream "
      "(while scanning a quoted scalar at line 3)", False),
     ("bad-two-documents.yaml",
-     "bad-two-documents.yaml:3: invalid YAML: but found another document "
-     "(expected a single document in the stream at line 1)", False),
+     "bad-two-documents.yaml:4: holds 2 scenarios where one was expected", False),
     ("bad-empty.yaml",
      "bad-empty.yaml:1: the file is empty; a scenario needs at least 'name' and 'vms'", False),
     ("bad-top-level-list.yaml",
@@ -499,3 +498,28 @@ def test_schema_enums_match_the_model() -> None:
     for cls in (Accel, DeliveryPath):
         assert issubclass(cls, enum.StrEnum)
         assert defs[cls.__name__]["enum"] == [m.value for m in cls]
+
+
+def test_a_file_of_several_scenarios_loads_them_in_order() -> None:
+    from harness.config import load_scenarios_text
+
+    doc = "name: {0}\nvms:\n  - name: g\n    devices: [{{kind: virtio-net, id: net0}}]\n"
+    scenarios = load_scenarios_text(doc.format("one") + "---\n" + doc.format("two"), "m.yaml")
+    assert [s.name for s in scenarios] == ["one", "two"]
+
+
+def test_a_scenario_name_twice_in_one_file_is_refused() -> None:
+    from harness.config import load_scenarios_text
+
+    doc = "name: same\nvms:\n  - name: g\n    devices: [{kind: virtio-net, id: net0}]\n"
+    with pytest.raises(ConfigError, match=r"^m.yaml:6: name: scenario 'same' appears twice"):
+        load_scenarios_text(doc + "---\n" + doc, "m.yaml")
+
+
+def test_an_error_in_the_second_scenario_names_its_line() -> None:
+    from harness.config import load_scenarios_text
+
+    doc = ("name: {0}\nvms:\n  - name: g\n    cpus: {1}\n"
+           "    devices: [{{kind: virtio-net, id: n}}]\n")  # 5 lines; the second starts at 7
+    with pytest.raises(ConfigError, match=r"^m.yaml:10: vms\[0\].cpus: expected an integer"):
+        load_scenarios_text(doc.format("a", 1) + "---\n" + doc.format("b", "x"), "m.yaml")
