@@ -60,6 +60,17 @@ class BenchRequest:
 
 
 @dataclass(frozen=True)
+class LabRunRequest:
+    scenario: Path
+    out: Path | None
+
+
+@dataclass(frozen=True)
+class LabShellRequest:
+    out: Path | None
+
+
+@dataclass(frozen=True)
 class TraceRequest:
     duration: float | None
     json_out: Path | None
@@ -67,7 +78,7 @@ class TraceRequest:
 
 
 Request = (RunRequest | ValidateRequest | SchemaRequest | IrqDiffRequest | ImageBuildRequest
-           | BenchRequest | TraceRequest)
+           | BenchRequest | TraceRequest | LabRunRequest | LabShellRequest)
 
 
 def _progress(message: str) -> None:
@@ -205,10 +216,41 @@ def handle_trace(req: TraceRequest) -> int:
     return 0
 
 
+def handle_lab_run(req: LabRunRequest) -> int:
+    from harness.config import load_scenarios
+    from harness.lab.l1 import run_in_lab
+
+    scenarios = load_scenarios(req.scenario)  # bad input fails here, before L1 boots
+    run_dir = _run_dir(req.out, f"lab-{scenarios[0].name}")
+    _progress(f"lab: run folder {run_dir}")
+    inner = [sys.executable, "-m", "harness.cli", "run", str(req.scenario.resolve()),
+             "--out", "/lab"]
+    lab = run_in_lab(inner, run_dir, _progress)
+    for folder in lab.inner_runs:
+        print((folder / "summary.txt").read_text() if (folder / "summary.txt").exists()
+              else f"{folder}: no summary")
+    phases = ", ".join(f"{name} {seconds:.1f}s" for name, seconds in lab.phases)
+    print(f"lab: {phases}; total {lab.total_seconds:.1f}s; L1 console {run_dir}/"
+          f"lab-l1.console.log")
+    if len(lab.inner_runs) != len(scenarios):
+        print(f"lab: {len(scenarios)} scenario(s) but {len(lab.inner_runs)} report(s): see "
+              f"{run_dir}/l1-job.log", file=sys.stderr)
+        return max(lab.exit_status or 1, 1)
+    return lab.exit_status if lab.exit_status is not None else 1
+
+
+def handle_lab_shell(req: LabShellRequest) -> int:
+    from harness.lab.l1 import shell
+
+    run_dir = _run_dir(req.out, "lab-shell")
+    return shell(_progress, run_dir)
+
+
 HANDLERS: dict[type, Callable[..., int]] = {
     RunRequest: handle_run, ValidateRequest: handle_validate, SchemaRequest: handle_schema,
     IrqDiffRequest: handle_irq_diff, ImageBuildRequest: handle_image_build,
-    BenchRequest: handle_bench, TraceRequest: handle_trace,
+    BenchRequest: handle_bench, TraceRequest: handle_trace, LabRunRequest: handle_lab_run,
+    LabShellRequest: handle_lab_shell,
 }
 
 
@@ -254,6 +296,14 @@ def parse_args(argv: Sequence[str]) -> tuple[Request, bool]:
     p.add_argument("--json", type=Path, dest="json_out", help="write the final wiring here")
     p.add_argument("--quiet", action="store_true", help="no per-event lines")
 
+    lab = sub.add_parser("lab", help="the virtual lab: VFIO assignment with no hardware")
+    lab_sub = lab.add_subparsers(dest="lab_command", required=True, parser_class=_Parser)
+    p = lab_sub.add_parser("run", help="run a scenario inside the emulated host (L1)")
+    p.add_argument("scenario", type=Path)
+    p.add_argument("--out", type=Path, help="parent folder of the run folder (default ./runs)")
+    p = lab_sub.add_parser("shell", help="a root shell in the emulated host (L1)")
+    p.add_argument("--out", type=Path)
+
     ns = parser.parse_args(list(argv))
     request: Request
     if ns.command == "run":
@@ -266,6 +316,9 @@ def parse_args(argv: Sequence[str]) -> tuple[Request, bool]:
         request = IrqDiffRequest(ns.before, ns.after, ns.as_json, ns.all_rows)
     elif ns.command == "image":
         request = ImageBuildRequest(ns.recipe)
+    elif ns.command == "lab":
+        request = (LabRunRequest(ns.scenario, ns.out) if ns.lab_command == "run"
+                   else LabShellRequest(ns.out))
     elif ns.command == "trace":
         request = TraceRequest(ns.duration, ns.json_out, ns.quiet)
     else:

@@ -17,6 +17,8 @@ from pathlib import Path
 from harness.bypass.live import bypass_session
 from harness.bypass.tracker import BypassTracker, VectorWiring
 from harness.errors import HostError
+from harness.host.accel import AccelDecision, KvmProbe
+from harness.host.preflight import PreflightReport, preflight
 from harness.host.tracefs import KprobeSession, parse_trace
 from harness.interrupts import InterruptDelta, InterruptSnapshot, parse_proc_interrupts
 
@@ -32,6 +34,19 @@ class HostEvidence:
     before: InterruptSnapshot | None = None
     after: InterruptSnapshot | None = None
     wiring: list[VectorWiring] = field(default_factory=list)
+    preflight: PreflightReport | None = None
+    device_notes: list[str] = field(default_factory=list)
+
+    def check_devices(self, devices: list[str], accel: AccelDecision | None) -> None:
+        """Preflight the assigned devices: can they be assigned, can their IRQs be posted?"""
+        def probe() -> KvmProbe:  # the VM's own decision; no second boot test
+            return KvmProbe(bool(accel and accel.kvm_usable),
+                            accel.reason if accel else "not decided", 0.0)
+
+        report = preflight(devices=devices, accel_probe=probe)
+        self.preflight = report
+        self.device_notes = [f"preflight {d.bdf}: {d.line}" for d in report.devices]
+        self.device_notes.append(f"preflight host: {report.summary}")
 
     def start_tracing(self) -> None:
         """Probes in before QEMU starts; a host that cannot trace still gets counts."""

@@ -18,6 +18,7 @@ from typing import Any
 from harness.config.model import EMULATED_KINDS, Scenario, VfioPci
 from harness.errors import HarnessError
 from harness.guest.agent import GuestSnapshot
+from harness.host.binding import VfioBinding
 from harness.hostside import HostEvidence
 from harness.qemu.argv import PlacedDevice
 from harness.verdict import ExpectationResult, VectorVerdict, check, classify
@@ -160,20 +161,38 @@ def run_scenario(scenario: Scenario, scenario_file: str, run_dir: Path,
 def _run_inside(scenario: Scenario, result: RunResult, clock: _Clock,
                 vms: dict[str, GuestVM], stack: contextlib.ExitStack,
                 progress: Progress) -> None:
-    with clock.phase("prepare (image, accel)"):
-        for spec in scenario.vms:
-            vm = stack.enter_context(GuestVM(spec, result.run_dir, progress,
-                                             scenario.timeouts.boot_s,
-                                             scenario.timeouts.shutdown_s))
-            vm.prepare()
-            vms[spec.name] = vm
+    # The VMs' own stack is pushed after the device bindings, so on the way out every QEMU
+    # is gone before any device goes back to its host driver.
+    vm_stack = contextlib.ExitStack()
+    try:
+        with clock.phase("prepare (image, accel)"):
+            for spec in scenario.vms:
+                vm = vm_stack.enter_context(GuestVM(spec, result.run_dir, progress,
+                                                    scenario.timeouts.boot_s,
+                                                    scenario.timeouts.shutdown_s))
+                vm.prepare()
+                vms[spec.name] = vm
+    except BaseException:
+        vm_stack.close()
+        raise
+    assigned = [d.host for spec in scenario.vms for d in spec.devices if isinstance(d, VfioPci)]
     host: HostEvidence | None = None
-    if any(isinstance(d, VfioPci) for spec in scenario.vms for d in spec.devices):
+    if assigned:
         host = HostEvidence(result.run_dir)
+        host.check_devices(assigned, next(iter(vms.values())).accel)
+        result.host_notes += host.device_notes
+        for note in host.device_notes:
+            progress(note)
+        with clock.phase("bind to vfio-pci"):
+            binding = stack.enter_context(VfioBinding(assigned))
+        if binding.bound:
+            progress(f"bound {', '.join(binding.bound)} to vfio-pci (journaled; restored at "
+                     "the end)")
         host.start_tracing()  # before QEMU: every registration must be seen
         stack.callback(host.stop)
         if host.wiring_note:
             progress(host.wiring_note)
+    stack.enter_context(vm_stack)
     boot_started = time.monotonic()
     for vm in vms.values():  # all QEMUs first: the guests boot side by side
         vm.launch()
@@ -216,7 +235,7 @@ def _run_inside(scenario: Scenario, result: RunResult, clock: _Clock,
         if host is not None:
             host.snapshot_after()  # while the guests run: vfio lines vanish with QEMU
             result.host_wiring = [w.to_dict() for w in host.wiring]
-            result.host_notes = ([host.wiring_note] if host.wiring_note else []) + [
+            result.host_notes += ([host.wiring_note] if host.wiring_note else []) + [
                 f"anomaly {a.kind}: {a.message}" for a in host.tracker.anomalies]
         for name, vm in vms.items():
             result.verdicts += vector_verdicts(name, vm.placed, before[name], afters[name],

@@ -121,8 +121,11 @@ class GuestVM:
             self._scratch += [overlay, seed]
             return qargv.Boot(disk=overlay, seed=seed), image.user
         assert self.image is not None
+        nic = self._ssh_nic()
+        address, gateway = nic.guest_address()
         append = " ".join(filter(None, [
-            BASE_APPEND, f"harness.net={self._ssh_nic().mac}",
+            BASE_APPEND, f"harness.net={nic.mac}", f"harness.ip={address}",
+            f"harness.gw={gateway}",
             f"harness.ssh_key={client_key.public_b64}", self.spec.append]))
         return qargv.Boot(kernel=self.image.kernel, initrd=self.image.initrd,
                           append=append), "root"

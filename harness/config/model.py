@@ -49,6 +49,8 @@ class DeliveryPath(enum.StrEnum):
 
 # QEMU's rule for ids (id_wellformed); anything else, a comma above all, breaks -device options.
 DEVICE_ID = r"^[A-Za-z][A-Za-z0-9._-]*$"
+# A /24 is all slirp's guest (.15) and gateway (.2) addresses need.
+NETWORK = r"^(25[0-5]|2[0-4][0-9]|1?[0-9]?[0-9])(\.(25[0-5]|2[0-4][0-9]|1?[0-9]?[0-9])){2}\.0/24$"
 
 
 @dataclass(frozen=True)
@@ -59,6 +61,9 @@ class VirtioNet:
     addr: int | None = field(default=None, metadata=doc("PCI slot on the root bus"))
     ssh: bool = field(default=True, metadata=doc(
         "forward the guest's SSH port over this NIC (user-mode network, 127.0.0.1 only)"))
+    network: str = field(default="10.0.2.0/24", metadata=doc(
+        "the user-mode network's IPv4 subnet (the guest is .15, the gateway .2); change it "
+        "when a second NIC of the guest sits on another 10.0.2.0/24", pattern=NETWORK))
 
 
 @dataclass(frozen=True)
@@ -67,6 +72,9 @@ class E1000e:
     id: str = field(metadata=doc("device id, unique in the VM", pattern=DEVICE_ID))
     addr: int | None = field(default=None, metadata=doc("PCI slot on the root bus"))
     ssh: bool = field(default=False, metadata=doc("forward the guest's SSH port over this NIC"))
+    network: str = field(default="10.0.2.0/24", metadata=doc(
+        "the user-mode network's IPv4 subnet (the guest is .15, the gateway .2)",
+        pattern=NETWORK))
 
 
 @dataclass(frozen=True)

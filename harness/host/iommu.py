@@ -535,8 +535,7 @@ def _interrupt_rows(view: HostView) -> tuple[Evidence | None, Evidence | None, E
     for line in snap.lines:
         if line.chip is None:
             continue
-        raw = f"{line.label}: {line.chip}{'' if line.hwirq is None else f' {line.hwirq}'} " \
-              f"{', '.join(line.actions)}".rstrip()
+        raw = f"{line.label}: {line.description}"  # the row as printed, without the counts
         if line.vector is not None and line.is_remapped and remapped is None:
             remapped = Evidence("/proc/interrupts", raw,
                                 "this device's MSI goes through the IOMMU's interrupt remapping "
@@ -551,6 +550,14 @@ def _interrupt_rows(view: HostView) -> tuple[Evidence | None, Evidence | None, E
 
 
 def _remapping(vendor: IommuVendor, view: HostView) -> tuple[Fact[bool | None], Fact[str | None]]:
+    remapping, mode = _remapping_facts(vendor, view)
+    if not mode.evidence:  # no mode because no remapping (or unknown): same evidence
+        mode = Fact(mode.value, remapping.evidence)
+    return remapping, mode
+
+
+def _remapping_facts(vendor: IommuVendor,
+                     view: HostView) -> tuple[Fact[bool | None], Fact[str | None]]:
     kernel_log = view.kernel_log
     ir_row, plain_row, its_row = _interrupt_rows(view)
     intremap = cmdline_params(view.cmdline).get("intremap", [])

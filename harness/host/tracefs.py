@@ -127,9 +127,11 @@ class ProbeSpec:
     ret: bool = False
     optional: bool = False  # absent symbol: skip with a note instead of failing
 
-    def definition(self, group: str) -> str:
+    def definition(self, group: str, module: str | None = None) -> str:
+        """The kprobe_events line; a symbol in a module is written MOD:SYM, as 6.1 requires."""
         kind = "r" if self.ret else "p"
-        return f"{kind}:{group}/{self.name} {self.symbol} {self.fetchargs}".rstrip()
+        target = f"{module}:{self.symbol}" if module else self.symbol
+        return f"{kind}:{group}/{self.name} {target} {self.fetchargs}".rstrip()
 
 
 class KprobeSession:
@@ -154,13 +156,20 @@ class KprobeSession:
             self._tracefs, self._mounted = find_tracefs()
         return self._tracefs
 
-    def _available(self) -> set[str]:
+    def _available(self) -> dict[str, str | None]:
+        """Probe-able functions, each with its module ("func [mod]") or None if built in."""
         path = self.tracefs / "available_filter_functions"
         try:
             text = path.read_text()
         except OSError as exc:
             raise HostError("tracefs", f"cannot read {path}: {exc.strerror}") from exc
-        return {line.split()[0] for line in text.splitlines() if line.strip()}
+        found: dict[str, str | None] = {}
+        for line in text.splitlines():
+            parts = line.split()
+            if parts:
+                module = parts[1].strip("[]") if len(parts) > 1 else None
+                found.setdefault(parts[0], module)
+        return found
 
     def _write(self, name: str, text: str, append: bool = True) -> None:
         path = self.tracefs / name
@@ -184,7 +193,8 @@ class KprobeSession:
                         raise HostError("kprobe", note)
                     self.skipped.append(note)
                     continue
-                self._write("kprobe_events", probe.definition(self.group))
+                self._write("kprobe_events", probe.definition(self.group,
+                                                              available[probe.symbol]))
                 self.added.append(probe)
             if self.added:
                 self._write(f"events/{self.group}/enable", "1", append=False)

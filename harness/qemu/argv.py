@@ -36,6 +36,11 @@ class PlacedDevice:
     def mac(self) -> str:
         return device_mac(self.device.id, self.slot)
 
+    def guest_address(self) -> tuple[str, str]:
+        """(address/prefix, gateway) of the guest on this NIC's user-mode network."""
+        prefix = getattr(self.device, "network", "10.0.2.0/24").rsplit(".", 1)[0]
+        return f"{prefix}.15/24", f"{prefix}.2"
+
 
 @dataclass(frozen=True)
 class DeviceResources:
@@ -85,7 +90,8 @@ def _user_netdev(placed: PlacedDevice) -> list[str]:
     dev = placed.device
     assert isinstance(dev, VirtioNet | E1000e)
     fwd = f",hostfwd=tcp:127.0.0.1:0-:{SSH_GUEST_PORT}" if dev.ssh else ""
-    return ["-netdev", f"user,id={dev.id}{fwd}"]
+    net = f",net={dev.network}" if dev.network != "10.0.2.0/24" else ""
+    return ["-netdev", f"user,id={dev.id}{net}{fwd}"]
 
 
 def virtio_net_args(placed: PlacedDevice) -> list[str]:

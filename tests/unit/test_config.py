@@ -124,15 +124,16 @@ def _values(value: object) -> Iterator[object]:
 
 @pytest.mark.parametrize("path", VALID, ids=lambda p: p.name)
 def test_valid_files_give_frozen_dataclasses_tuples_and_enums(path: Path) -> None:
-    scenario = load_scenario(path)
+    from harness.config import load_scenarios
 
-    for value in _values(scenario):
-        assert not isinstance(value, dict | list | set), value
-        if dataclasses.is_dataclass(value) and not isinstance(value, type):
-            with pytest.raises(dataclasses.FrozenInstanceError):
-                setattr(value, dataclasses.fields(value)[0].name, None)
-    with pytest.raises(dataclasses.FrozenInstanceError):
-        scenario.name = "changed"  # type: ignore[misc]
+    for scenario in load_scenarios(path):  # configs/lab-vfio.yaml holds two
+        for value in _values(scenario):
+            assert not isinstance(value, dict | list | set), value
+            if dataclasses.is_dataclass(value) and not isinstance(value, type):
+                with pytest.raises(dataclasses.FrozenInstanceError):
+                    setattr(value, dataclasses.fields(value)[0].name, None)
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            scenario.name = "changed"  # type: ignore[misc]
     assert all(isinstance(vm.accel, Accel) for vm in scenario.vms)
     assert all(isinstance(e.path, DeliveryPath) for e in scenario.expect)
 
@@ -188,7 +189,7 @@ INVALID: list[tuple[str, str, bool]] = [
      "keys: name, vms, description, workloads, expect, timeouts", True),
     ("bad-key-of-other-kind.yaml",
      "bad-key-of-other-kind.yaml:8: vms[0].devices[0].size_mib: unknown key; allowed keys: "
-     "kind, id, addr, ssh", True),
+     "kind, id, addr, ssh, network", True),
     ("bad-missing-required.yaml",
      "bad-missing-required.yaml:7: vms[0].devices[1].host: missing required key", True),
     ("bad-missing-vms.yaml", "bad-missing-vms.yaml:2: vms: missing required key", True),
@@ -483,7 +484,8 @@ def _jsonschema_validator() -> Any:
 def test_valid_files_pass_the_schema(path: Path) -> None:
     validator = _jsonschema_validator()
 
-    validator.validate(yaml.safe_load(path.read_text(encoding="utf-8")))
+    for document in yaml.safe_load_all(path.read_text(encoding="utf-8")):
+        validator.validate(document)
 
 
 @pytest.mark.parametrize("name", [c[0] for c in INVALID if c[2]])

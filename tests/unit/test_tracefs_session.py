@@ -43,7 +43,7 @@ def test_session_adds_enables_and_removes_exactly_its_own(tmp_path: Path) -> Non
         assert any("func_b" in note for note in s.skipped)
         assert any("kvm/absent" in note for note in s.skipped)
     assert (root / "kprobe_events").read_text().splitlines() == [
-        "p:grp/a func_a x=$arg1:x64", "r:grp/a_ret func_a ret=$retval",
+        "p:grp/a somemod:func_a x=$arg1:x64", "r:grp/a_ret somemod:func_a ret=$retval",
         "-:grp/a_ret", "-:grp/a"]
     assert (root / "events" / "grp" / "enable").read_text() == "0\n"
     assert (root / "events" / "kvm" / "kvm_pi_irte_update" / "enable").read_text() == "0\n"
@@ -56,7 +56,7 @@ def test_a_missing_required_symbol_fails_and_removes_what_was_added(tmp_path: Pa
     with pytest.raises(HostError, match="func_c: not in available_filter_functions"):
         session.start()
     assert (root / "kprobe_events").read_text().splitlines() == [
-        "p:grp/a func_a x=$arg1:x64", "-:grp/a"]
+        "p:grp/a somemod:func_a x=$arg1:x64", "-:grp/a"]
     session.stop()  # twice is harmless
     assert (root / "kprobe_events").read_text().count("-:grp/a") == 1
 
