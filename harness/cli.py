@@ -60,6 +60,19 @@ class BenchRequest:
 
 
 @dataclass(frozen=True)
+class PreflightRequest:
+    devices: tuple[str, ...]
+    as_json: bool
+    root: Path
+
+
+@dataclass(frozen=True)
+class RestoreRequest:
+    journal: Path | None
+    force: bool
+
+
+@dataclass(frozen=True)
 class LabRunRequest:
     scenario: Path
     out: Path | None
@@ -78,7 +91,8 @@ class TraceRequest:
 
 
 Request = (RunRequest | ValidateRequest | SchemaRequest | IrqDiffRequest | ImageBuildRequest
-           | BenchRequest | TraceRequest | LabRunRequest | LabShellRequest)
+           | BenchRequest | TraceRequest | LabRunRequest | LabShellRequest | PreflightRequest
+           | RestoreRequest)
 
 
 def _progress(message: str) -> None:
@@ -246,11 +260,33 @@ def handle_lab_shell(req: LabShellRequest) -> int:
     return shell(_progress, run_dir)
 
 
+def handle_preflight(req: PreflightRequest) -> int:
+    """Exit 0 when every named device can be assigned; 3 when one cannot."""
+    from harness.host.preflight import DeviceVerdict, format_preflight, preflight, preflight_json
+
+    report = preflight(req.root, req.devices)
+    print(preflight_json(report) if req.as_json else format_preflight(report))
+    return 3 if any(d.verdict == DeviceVerdict.CANNOT_ASSIGN for d in report.devices) else 0
+
+
+def handle_restore(req: RestoreRequest) -> int:
+    from harness.host.binding import DEFAULT_JOURNAL, restore_all
+
+    journal = req.journal or DEFAULT_JOURNAL
+    results = restore_all(journal, force=req.force)
+    if not results:
+        print(f"nothing to restore ({journal} lists no binding)")
+    for r in results:
+        print(f"{r.bdf}: {r.outcome}{': ' + r.detail if r.detail else ''}")
+    return 0 if all(r.ok for r in results) else 3
+
+
 HANDLERS: dict[type, Callable[..., int]] = {
     RunRequest: handle_run, ValidateRequest: handle_validate, SchemaRequest: handle_schema,
     IrqDiffRequest: handle_irq_diff, ImageBuildRequest: handle_image_build,
     BenchRequest: handle_bench, TraceRequest: handle_trace, LabRunRequest: handle_lab_run,
-    LabShellRequest: handle_lab_shell,
+    LabShellRequest: handle_lab_shell, PreflightRequest: handle_preflight,
+    RestoreRequest: handle_restore,
 }
 
 
@@ -296,6 +332,20 @@ def parse_args(argv: Sequence[str]) -> tuple[Request, bool]:
     p.add_argument("--json", type=Path, dest="json_out", help="write the final wiring here")
     p.add_argument("--quiet", action="store_true", help="no per-event lines")
 
+    p = sub.add_parser("preflight", help="what this host can do: KVM, IOMMU, interrupt "
+                       "remapping, posting; per device: can it be assigned, can it post")
+    p.add_argument("--device", action="append", default=[], metavar="BDF",
+                   help="a PCI device to judge (repeatable)")
+    p.add_argument("--json", action="store_true", dest="as_json")
+    p.add_argument("--root", type=Path, default=Path("/"),
+                   help="read a recorded host tree instead of this host")
+
+    p = sub.add_parser("restore", help="give devices a crashed run bound to vfio-pci back "
+                       "to their drivers")
+    p.add_argument("--journal", type=Path)
+    p.add_argument("--force", action="store_true",
+                   help="also restore devices whose owning harness still runs")
+
     lab = sub.add_parser("lab", help="the virtual lab: VFIO assignment with no hardware")
     lab_sub = lab.add_subparsers(dest="lab_command", required=True, parser_class=_Parser)
     p = lab_sub.add_parser("run", help="run a scenario inside the emulated host (L1)")
@@ -316,6 +366,10 @@ def parse_args(argv: Sequence[str]) -> tuple[Request, bool]:
         request = IrqDiffRequest(ns.before, ns.after, ns.as_json, ns.all_rows)
     elif ns.command == "image":
         request = ImageBuildRequest(ns.recipe)
+    elif ns.command == "preflight":
+        request = PreflightRequest(tuple(ns.device), ns.as_json, ns.root)
+    elif ns.command == "restore":
+        request = RestoreRequest(ns.journal, ns.force)
     elif ns.command == "lab":
         request = (LabRunRequest(ns.scenario, ns.out) if ns.lab_command == "run"
                    else LabShellRequest(ns.out))

@@ -156,7 +156,8 @@ class VM:
     name: str = field(metadata=doc("VM name, unique in the scenario", pattern=r"^[a-z][a-z0-9-]*$"))
     machine: str = field(default="q35", metadata=doc("QEMU machine type"))
     accel: Accel = field(default=Accel.AUTO, metadata=doc(
-        "auto probes whether KVM can really run a guest here and falls back to TCG"))
+        "auto boot-tests KVM (cached per host boot) and falls back to TCG; kvm uses it "
+        "untested (an error if /dev/kvm cannot be opened); tcg never uses it"))
     cpus: int = field(default=2, metadata=doc("vCPUs", minimum=1, maximum=64))
     memory_mib: int = field(default=512, metadata=doc("guest memory", minimum=128,
                                                       maximum=1048576))

@@ -129,9 +129,16 @@ def cached_probe_kvm(qemu: str, kernel: Path, cache_dir: Path) -> KvmProbe:
 
 def choose_accel(requested: Accel, qemu: str, kernel: Path | None,
                  cache_dir: Path) -> AccelDecision:
-    """Resolve ``auto``; refuse ``kvm`` where KVM cannot run a guest (HostError)."""
+    """Resolve ``auto`` by a boot test; refuse ``kvm`` where /dev/kvm cannot be opened."""
     if requested == Accel.TCG:
         return AccelDecision("tcg", "TCG requested by the scenario", False)
+    if requested == Accel.KVM:
+        # Asked for by name: no boot test, only whether KVM can be opened at all; a guest
+        # that then cannot boot fails its readiness wait with the console tail.
+        problem = _kvm_device_problem()
+        if problem:
+            raise HostError("accel kvm", problem)
+        return AccelDecision("kvm", "KVM requested by the scenario (not boot-tested)", True)
     if kernel is None:
         problem = _kvm_device_problem()
         probe = KvmProbe(problem is None, problem or "/dev/kvm is usable (not boot-tested)", 0)
@@ -139,6 +146,4 @@ def choose_accel(requested: Accel, qemu: str, kernel: Path | None,
         probe = cached_probe_kvm(qemu, kernel, cache_dir)
     if probe.usable:
         return AccelDecision("kvm", probe.reason, True)
-    if requested == Accel.KVM:
-        raise HostError("accel kvm", probe.reason)
     return AccelDecision("tcg", f"KVM not usable, falling back to TCG: {probe.reason}", False)

@@ -61,7 +61,7 @@ def l1_argv(image: GuestImage, share: Path, qemu: str = "qemu-system-x86_64",
 _JOB_HEAD = """#!/bin/sh
 # Written by `harness lab`; run by L1's init as PID 1.  L1 powers off when it ends.
 export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
-export HOME=/root LANG=C.UTF-8 PYTHONUNBUFFERED=1
+export HOME=/root LANG=C.UTF-8 PYTHONUNBUFFERED=1 HARNESS_PINNED_IMAGES=/lab/images.json
 ip link set lo up
 mkdir -p /dev/pts /dev/shm
 mount -t devpts devpts /dev/pts
@@ -103,10 +103,11 @@ class LabRun:
         return sum(s for _, s in self.phases)
 
 
-def prepare(progress: Progress) -> GuestImage:
-    """The L1 image, and the builtin guest image L1's harness will boot as L2."""
+def prepare(progress: Progress, share: Path) -> GuestImage:
+    """The L1 image, and the builtin guest image L1's harness will boot as L2, pinned for it."""
     image = ensure_image("lab-host", progress=progress)
-    ensure_image("debian-cloud", progress=progress)  # cached where L1 (sharing /) finds it
+    guest = ensure_image("debian-cloud", progress=progress)  # where L1 (sharing /) finds it
+    (share / "images.json").write_text(json.dumps({"debian-cloud": str(guest.folder)}) + "\n")
     return image
 
 
@@ -116,7 +117,7 @@ def run_in_lab(argv: list[str], run_dir: Path, progress: Progress,
     run_dir.mkdir(parents=True, exist_ok=True)
     result = LabRun(run_dir)
     started = time.monotonic()
-    image = prepare(progress)
+    image = prepare(progress, run_dir)
     result.phases.append(("prepare images", time.monotonic() - started))
     (run_dir / "job.sh").write_text(run_job(argv))
     share = run_dir.resolve()
@@ -186,7 +187,7 @@ def inner_reports(lab: LabRun) -> list[dict[str, object]]:
 def shell(progress: Progress, run_dir: Path) -> int:
     """L1 with a login shell on this terminal; QEMU's monitor on Ctrl-A c, quit Ctrl-A x."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    image = prepare(progress)
+    image = prepare(progress, run_dir)
     (run_dir / "job.sh").write_text(shell_job())
     argv = l1_argv(image, run_dir.resolve()) + [
         "-chardev", "stdio,id=console,mux=on,signal=off", "-serial", "chardev:console",
