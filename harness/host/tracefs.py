@@ -9,6 +9,7 @@ added.  ``parse_trace_line`` turns the default ftrace text format into typed rec
 from __future__ import annotations
 
 import logging
+import os
 import re
 import subprocess
 from collections.abc import Iterable, Iterator, Sequence
@@ -172,10 +173,16 @@ class KprobeSession:
         return found
 
     def _write(self, name: str, text: str, append: bool = True) -> None:
+        # One write(2) per line with O_APPEND and no seek: Python's buffered "a" mode also
+        # seeks to the end, which the kernel's kprobe_events refuses (EINVAL).
         path = self.tracefs / name
+        flags = os.O_WRONLY | (os.O_APPEND if append else os.O_TRUNC)
         try:
-            with open(path, "a" if append else "w") as fh:
-                fh.write(text + "\n")
+            fd = os.open(path, flags)
+            try:
+                os.write(fd, (text + "\n").encode())
+            finally:
+                os.close(fd)
         except OSError as exc:
             raise HostError("tracefs", f"writing {text!r} to {path}: {exc.strerror}") from exc
 

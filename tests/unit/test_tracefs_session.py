@@ -18,6 +18,7 @@ from harness.host.tracefs import KprobeSession, ProbeSpec
 def fake_tracefs(tmp_path: Path, functions: list[str], tracepoints: list[str]) -> Path:
     root = tmp_path / "tracing"
     (root / "events" / "grp").mkdir(parents=True)
+    (root / "events" / "grp" / "enable").write_text("")  # the kernel makes it with the group
     (root / "kprobe_events").write_text("")
     (root / "trace").write_text("stale records\n")
     (root / "available_filter_functions").write_text(
