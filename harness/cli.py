@@ -76,6 +76,7 @@ class RestoreRequest:
 class LabRunRequest:
     scenario: Path
     out: Path | None
+    bench: bool = False
 
 
 @dataclass(frozen=True)
@@ -243,6 +244,10 @@ def handle_lab_run(req: LabRunRequest) -> int:
     for folder in lab.inner_runs:
         print((folder / "summary.txt").read_text() if (folder / "summary.txt").exists()
               else f"{folder}: no summary")
+    if req.bench:
+        from harness.lab.bench import format_lab_bench
+
+        print(format_lab_bench(lab))
     phases = ", ".join(f"{name} {seconds:.1f}s" for name, seconds in lab.phases)
     print(f"lab: {phases}; total {lab.total_seconds:.1f}s; L1 console {run_dir}/"
           f"lab-l1.console.log")
@@ -351,6 +356,8 @@ def parse_args(argv: Sequence[str]) -> tuple[Request, bool]:
     p = lab_sub.add_parser("run", help="run a scenario inside the emulated host (L1)")
     p.add_argument("scenario", type=Path)
     p.add_argument("--out", type=Path, help="parent folder of the run folder (default ./runs)")
+    p.add_argument("--bench", action="store_true", help="also print the phase and ping "
+                   "latency figures of each path, and their ratio")
     p = lab_sub.add_parser("shell", help="a root shell in the emulated host (L1)")
     p.add_argument("--out", type=Path)
 
@@ -371,7 +378,7 @@ def parse_args(argv: Sequence[str]) -> tuple[Request, bool]:
     elif ns.command == "restore":
         request = RestoreRequest(ns.journal, ns.force)
     elif ns.command == "lab":
-        request = (LabRunRequest(ns.scenario, ns.out) if ns.lab_command == "run"
+        request = (LabRunRequest(ns.scenario, ns.out, ns.bench) if ns.lab_command == "run"
                    else LabShellRequest(ns.out))
     elif ns.command == "trace":
         request = TraceRequest(ns.duration, ns.json_out, ns.quiet)
