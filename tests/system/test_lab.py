@@ -136,3 +136,45 @@ def test_preflight_binding_sigkill_and_restore_in_the_lab(tmp_path: Path) -> Non
     assert report["iommu"]["remapping"]["mode"] == "xapic"
     assert report["posting"]["verdict"] == "not possible"
     assert report["devices"][0]["verdict"] == "bounce only"
+
+
+def test_lab_shell_gives_a_root_shell_in_the_emulated_host(tmp_path: Path) -> None:
+    """`harness lab shell` on a real pseudo-terminal: type into L1's shell, read its answer."""
+    import os
+    import pty
+    import select
+    import subprocess
+    import time
+
+    leader, follower = pty.openpty()
+    proc = subprocess.Popen([sys.executable, "-m", "harness.cli", "lab", "shell", "--out",
+                             str(tmp_path)], stdin=follower, stdout=follower, stderr=follower,
+                            cwd=REPO, start_new_session=True)
+    os.close(follower)
+    seen = b""
+
+    def read_until(marker: bytes, timeout: float) -> None:
+        nonlocal seen
+        deadline = time.monotonic() + timeout
+        while marker not in seen:
+            left = deadline - time.monotonic()
+            assert left > 0, f"no {marker!r} from the lab shell; got:\n{seen[-2000:]!r}"
+            ready, _, _ = select.select([leader], [], [], left)
+            if ready:
+                try:
+                    seen += os.read(leader, 65536)
+                except OSError:  # the other side closed
+                    break
+
+    try:
+        read_until(b"harness-lab: shell", 120)
+        time.sleep(1.0)  # let bash print its prompt
+        os.write(leader, b"echo lab-$((6*7)) $(cat /sys/module/kvm_amd/initstate)\n")
+        read_until(b"lab-42 live", 60)
+        os.write(leader, b"exit\n")
+        assert proc.wait(60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        os.close(leader)
