@@ -27,6 +27,7 @@ class RunRequest:
     scenario: Path
     out: Path | None
     verbose: bool
+    force_bind: bool = False
 
 
 @dataclass(frozen=True)
@@ -123,7 +124,8 @@ def handle_run(req: RunRequest) -> int:
     for scenario in load_scenarios(req.scenario):
         run_dir = _run_dir(req.out, scenario.name)
         _progress(f"scenario {scenario.name}: run folder {run_dir}")
-        result = run_scenario(scenario, str(req.scenario), run_dir, _progress)
+        result = run_scenario(scenario, str(req.scenario), run_dir, _progress,
+                              force_bind=req.force_bind)
         report = write_json(result, run_dir / "report.json")
         write_junit(result, run_dir / "junit.xml")
         summary = format_summary(result)
@@ -308,6 +310,9 @@ def parse_args(argv: Sequence[str]) -> tuple[Request, bool]:
     p = sub.add_parser("run", help="run a scenario and report per-vector verdicts")
     p.add_argument("scenario", type=Path)
     p.add_argument("--out", type=Path, help="parent folder of the run folder (default ./runs)")
+    p.add_argument("--force-bind", action="store_true",
+                   help="bind assigned devices to vfio-pci even if the host uses them (or a "
+                        "member of their IOMMU group)")
 
     p = sub.add_parser("validate", help="check scenario files without running them")
     p.add_argument("files", type=Path, nargs="+")
@@ -364,7 +369,7 @@ def parse_args(argv: Sequence[str]) -> tuple[Request, bool]:
     ns = parser.parse_args(list(argv))
     request: Request
     if ns.command == "run":
-        request = RunRequest(ns.scenario, ns.out, ns.verbose)
+        request = RunRequest(ns.scenario, ns.out, ns.verbose, ns.force_bind)
     elif ns.command == "validate":
         request = ValidateRequest(tuple(ns.files))
     elif ns.command == "schema":

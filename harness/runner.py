@@ -136,7 +136,8 @@ class _Clock:
 
 
 def run_scenario(scenario: Scenario, scenario_file: str, run_dir: Path,
-                 progress: Progress = lambda message: None) -> RunResult:
+                 progress: Progress = lambda message: None,
+                 force_bind: bool = False) -> RunResult:
     """Run the scenario; harness errors end up in ``result.error``, never half-torn-down."""
     run_dir.mkdir(parents=True, exist_ok=True)
     result = RunResult(scenario, scenario_file, run_dir, time.time())
@@ -145,7 +146,7 @@ def run_scenario(scenario: Scenario, scenario_file: str, run_dir: Path,
     try:
         with contextlib.ExitStack() as stack:
             try:
-                _run_inside(scenario, result, clock, vms, stack, progress)
+                _run_inside(scenario, result, clock, vms, stack, progress, force_bind)
             finally:
                 for name, vm in vms.items():
                     result.console_tails[name] = vm.console_tail()
@@ -160,7 +161,7 @@ def run_scenario(scenario: Scenario, scenario_file: str, run_dir: Path,
 
 def _run_inside(scenario: Scenario, result: RunResult, clock: _Clock,
                 vms: dict[str, GuestVM], stack: contextlib.ExitStack,
-                progress: Progress) -> None:
+                progress: Progress, force_bind: bool) -> None:
     # The VMs' own stack is pushed after the device bindings, so on the way out every QEMU
     # is gone before any device goes back to its host driver.
     vm_stack = contextlib.ExitStack()
@@ -184,7 +185,7 @@ def _run_inside(scenario: Scenario, result: RunResult, clock: _Clock,
         for note in host.device_notes:
             progress(note)
         with clock.phase("bind to vfio-pci"):
-            binding = stack.enter_context(VfioBinding(assigned))
+            binding = stack.enter_context(VfioBinding(assigned, force=force_bind))
         if binding.bound:
             progress(f"bound {', '.join(binding.bound)} to vfio-pci (journaled; restored at "
                      "the end)")
