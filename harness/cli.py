@@ -277,10 +277,15 @@ def handle_preflight(req: PreflightRequest) -> int:
 
 
 def handle_restore(req: RestoreRequest) -> int:
+    """Bindings of crashed runs back to their drivers; their leftover kprobes removed."""
+    from harness.bypass.tracker import GROUP
     from harness.host.binding import DEFAULT_JOURNAL, restore_all
+    from harness.host.tracefs import remove_stale_sessions
 
     journal = req.journal or DEFAULT_JOURNAL
     results = restore_all(journal, force=req.force)
+    for group in remove_stale_sessions(GROUP):
+        print(f"removed the kprobes and trace instance {group} of a harness that is gone")
     if not results:
         print(f"nothing to restore ({journal} lists no binding)")
     for r in results:

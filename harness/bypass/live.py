@@ -19,8 +19,11 @@ from harness.host.tracefs import KprobeSession, TraceRecord, parse_trace_line
 
 
 def bypass_session(release: str | None = None, tracefs: Path | None = None) -> KprobeSession:
-    return KprobeSession(GROUP, probe_specs(release or platform.release()), TRACEPOINTS,
-                         tracefs)
+    """The bypass probes under a group and instance named for this process, so that harness
+    runs side by side on one host keep their probes and records apart."""
+    name = f"{GROUP}_{os.getpid()}"
+    return KprobeSession(name, probe_specs(release or platform.release()), TRACEPOINTS,
+                         tracefs, instance=name)
 
 
 def describe(record: TraceRecord) -> str:
@@ -40,7 +43,8 @@ def watch(session: KprobeSession, tracker: BypassTracker, until: float | None,
           on_record: Callable[[TraceRecord], None] = lambda r: None,
           should_stop: Callable[[], bool] = lambda: False) -> None:
     """Feed records from trace_pipe to the tracker until the monotonic deadline or stop."""
-    fd = os.open(session.tracefs / "trace_pipe", os.O_RDONLY | os.O_NONBLOCK)
+    fd = os.open(session.tracefs / "instances" / session.instance / "trace_pipe",
+                 os.O_RDONLY | os.O_NONBLOCK)
     partial = b""
     try:
         while not should_stop():

@@ -1,9 +1,11 @@
 """tracefs: kprobe events that are always removed again, and a parser for trace records.
 
-``KprobeSession`` owns a group of probe events: it checks each target function against
-``available_filter_functions``, adds the definitions, enables the group and extra
-tracepoints, and on exit (error or Ctrl-C included) disables and deletes exactly what it
-added.  ``parse_trace_line`` turns the default ftrace text format into typed records.
+``KprobeSession`` owns a group of probe events and a tracefs instance of its own: it checks
+each target function against ``available_filter_functions``, adds the definitions, enables the
+group and extra tracepoints in its instance only, and on exit (error or Ctrl-C included)
+disables and deletes exactly what it added.  Its own instance means its own buffer: several
+sessions (harness runs side by side) never see, clear or disable each other's records.
+``parse_trace_line`` turns the default ftrace text format into typed records.
 """
 
 from __future__ import annotations
@@ -82,17 +84,17 @@ def parse_trace(lines: Iterable[str]) -> Iterator[TraceRecord]:
             yield record
 
 
-def find_tracefs(root: Path = Path("/")) -> tuple[Path, bool]:
-    """The tracefs mount with kprobe events, and whether this call mounted it.
+def find_tracefs(root: Path = Path("/")) -> Path:
+    """The tracefs mount with kprobe events, mounting it at /sys/kernel/tracing if needed.
 
-    An unmounted /sys/kernel/tracing is mounted (as perf and bpftrace do); the caller
-    unmounts it again when done.  A mounted tracefs without ``kprobe_events`` means the kernel
-    was built without CONFIG_KPROBE_EVENTS.
+    Once mounted it stays mounted, as systemd mounts it on most hosts: other tracers, another
+    harness run among them, may be using it, so it is never unmounted from under them.  A
+    mounted tracefs without ``kprobe_events`` means a kernel without CONFIG_KPROBE_EVENTS.
     """
     for candidate in TRACEFS_PATHS:
         path = root / candidate.relative_to("/")
         if (path / "kprobe_events").exists():
-            return path, False
+            return path
     path = root / TRACEFS_PATHS[0].relative_to("/")
     mounted = False
     if path.is_dir() and not (path / "trace").exists():
@@ -102,20 +104,15 @@ def find_tracefs(root: Path = Path("/")) -> tuple[Path, bool]:
             raise HostError("tracefs", f"not mounted, and mounting it at {path} failed: "
                             f"{done.stderr.strip() or done.returncode}")
         mounted = True
+        log.info("mounted tracefs at %s", path)
     if (path / "kprobe_events").exists():
-        return path, mounted
-    if mounted:
-        unmount_tracefs(path)
+        return path
+    if mounted:  # of no use, and nobody else can be using what was just mounted
+        subprocess.run(["umount", str(path)], capture_output=True, check=False)
     if (path / "trace").exists() or mounted:
         raise HostError("tracefs", f"{path} has no kprobe_events: this kernel was built "
                         "without CONFIG_KPROBE_EVENTS, so its IRQ bypass cannot be traced")
     raise HostError("tracefs", f"no tracefs at {path}: the kernel lacks CONFIG_TRACING")
-
-
-def unmount_tracefs(path: Path) -> None:
-    done = subprocess.run(["umount", str(path)], capture_output=True, text=True, check=False)
-    if done.returncode != 0:
-        log.warning("umount %s: %s", path, done.stderr.strip())
 
 
 @dataclass(frozen=True)
@@ -139,14 +136,16 @@ class KprobeSession:
     """Add probe events and tracepoints, read their records, and always remove them."""
 
     def __init__(self, group: str, probes: Sequence[ProbeSpec],
-                 tracepoints: Sequence[str] = (), tracefs: Path | None = None) -> None:
+                 tracepoints: Sequence[str] = (), tracefs: Path | None = None,
+                 instance: str | None = None) -> None:
         if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", group):
             raise ValueError(f"bad kprobe group name {group!r}")
         self.group = group
+        self.instance = instance or group
+        self._made_instance = False
         self.probes = tuple(probes)
         self.tracepoints = tuple(tracepoints)
         self._tracefs = tracefs
-        self._mounted = False
         self.added: list[ProbeSpec] = []
         self.enabled_tracepoints: list[str] = []
         self.skipped: list[str] = []  # human-readable notes: what could not be probed and why
@@ -154,7 +153,7 @@ class KprobeSession:
     @property
     def tracefs(self) -> Path:
         if self._tracefs is None:
-            self._tracefs, self._mounted = find_tracefs()
+            self._tracefs = find_tracefs()
         return self._tracefs
 
     def _available(self) -> dict[str, str | None]:
@@ -186,11 +185,21 @@ class KprobeSession:
         except OSError as exc:
             raise HostError("tracefs", f"writing {text!r} to {path}: {exc.strerror}") from exc
 
+    @property
+    def _inst(self) -> str:
+        return f"instances/{self.instance}"
+
     def start(self) -> None:
-        """Add and enable everything; the trace buffer is cleared first, as trace-cmd does,
-        so that what :meth:`read` returns comes from this session."""
+        """Make the instance, add the probes, enable them and the tracepoints in it."""
         available = self._available()
-        self._write("trace", "", append=False)
+        try:
+            (self.tracefs / self._inst).mkdir()
+            self._made_instance = True
+        except FileExistsError:
+            pass  # a crashed session of a process with the same name: take it over
+        except OSError as exc:
+            raise HostError("tracefs", f"cannot make the instance {self._inst}: "
+                            f"{exc.strerror}") from exc
         try:
             for probe in self.probes:
                 if probe.symbol not in available:
@@ -204,13 +213,13 @@ class KprobeSession:
                                                               available[probe.symbol]))
                 self.added.append(probe)
             if self.added:
-                self._write(f"events/{self.group}/enable", "1", append=False)
+                self._write(f"{self._inst}/events/{self.group}/enable", "1", append=False)
             for tp in self.tracepoints:
-                enable = self.tracefs / "events" / tp / "enable"
+                enable = self.tracefs / self._inst / "events" / tp / "enable"
                 if not enable.exists():
                     self.skipped.append(f"tracepoint {tp}: not in this kernel")
                     continue
-                self._write(f"events/{tp}/enable", "1", append=False)
+                self._write(f"{self._inst}/events/{tp}/enable", "1", append=False)
                 self.enabled_tracepoints.append(tp)
         except BaseException:
             self.stop()
@@ -218,24 +227,24 @@ class KprobeSession:
 
     def read(self) -> str:
         """The trace buffer's current text (records from every enabled event)."""
-        return (self.tracefs / "trace").read_text(errors="replace")
+        return (self.tracefs / self._inst / "trace").read_text(errors="replace")
 
     def pipe(self) -> Iterator[str]:
         """Consuming, blocking reader of new records (``trace_pipe``)."""
-        with open(self.tracefs / "trace_pipe", errors="replace") as fh:
+        with open(self.tracefs / self._inst / "trace_pipe", errors="replace") as fh:
             yield from fh
 
     def stop(self) -> None:
         """Disable and delete exactly what was added; safe to call twice."""
         for tp in self.enabled_tracepoints:
             try:
-                self._write(f"events/{tp}/enable", "0", append=False)
+                self._write(f"{self._inst}/events/{tp}/enable", "0", append=False)
             except HostError as exc:
                 log.warning("%s", exc)
         self.enabled_tracepoints.clear()
         if self.added:
             try:
-                self._write(f"events/{self.group}/enable", "0", append=False)
+                self._write(f"{self._inst}/events/{self.group}/enable", "0", append=False)
             except HostError as exc:
                 log.warning("%s", exc)
         for probe in reversed(self.added):
@@ -244,9 +253,12 @@ class KprobeSession:
             except HostError as exc:
                 log.warning("%s", exc)
         self.added.clear()
-        if self._mounted and self._tracefs is not None:
-            unmount_tracefs(self._tracefs)
-            self._mounted = False
+        if self._made_instance and self._tracefs is not None:
+            try:
+                (self._tracefs / self._inst).rmdir()
+            except OSError as exc:
+                log.warning("removing %s: %s", self._inst, exc.strerror)
+            self._made_instance = False
 
     def __enter__(self) -> KprobeSession:
         self.start()
@@ -255,3 +267,33 @@ class KprobeSession:
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
         self.stop()
+
+
+def remove_stale_sessions(prefix: str, tracefs: Path | None = None) -> list[str]:
+    """Remove probe groups and instances named ``<prefix>_<pid>`` whose process is gone.
+
+    A harness killed with SIGKILL cannot remove its own probes; its group and instance carry
+    its pid, so a later ``harness restore`` can tell them from a live harness's and remove
+    them.  Returns the groups removed; a kernel without kprobe events has none.
+    """
+    try:
+        root = tracefs if tracefs is not None else find_tracefs()
+    except HostError:
+        return []
+    pattern = re.compile(rf"^[pr]\d*:({re.escape(prefix)}_(\d+))/(\S+) ")
+    stale: dict[str, list[str]] = {}
+    for line in (root / "kprobe_events").read_text().splitlines():
+        match = pattern.match(line)
+        if match and not Path(f"/proc/{match.group(2)}").exists():
+            stale.setdefault(match.group(1), []).append(match.group(3))
+    instances = root / "instances"
+    for inst in (instances.iterdir() if instances.is_dir() else []):
+        match = re.fullmatch(rf"{re.escape(prefix)}_(\d+)", inst.name)
+        if match and not Path(f"/proc/{match.group(1)}").exists():
+            stale.setdefault(inst.name, [])
+    for group, names in stale.items():
+        session = KprobeSession(group, [ProbeSpec(n, "") for n in names], (), root, group)
+        session.added = list(session.probes)
+        session._made_instance = (instances / group).is_dir()
+        session.stop()
+    return sorted(stale)

@@ -84,14 +84,24 @@ LIFECYCLE = """\
 set -u
 harness() {{ {python} -m harness.cli "$@"; }}
 driver() {{ basename "$(readlink /sys/bus/pci/devices/{bdf}/driver)"; }}
+wait_for() {{ i=0; until grep -q "$1" "$2" 2>/dev/null || [ $i -ge 1200 ]; do
+    sleep 0.1; i=$((i + 1)); done; }}
 echo "before=$(driver)" > /lab/drivers
 harness preflight --device {bdf} --json > /lab/preflight.json
+# A live trace beside the run: two probe sessions at once, each in its own instance.
+{python} -m harness.cli trace --quiet --json /lab/trace.json > /lab/trace.out 2>&1 &
+tpid=$!
+wait_for "Ctrl-C to stop" /lab/trace.out
 {python} -m harness.cli run {scenario} --out /lab/runs > /lab/run.out 2>&1 &
 pid=$!  # the harness itself (a shell function here would put a subshell in between)
 i=0
 until [ "$(driver)" = vfio-pci ] || [ $i -ge 300 ]; do sleep 0.1; i=$((i + 1)); done
 echo "during=$(driver)" >> /lab/drivers
-sleep 2
+wait_for "running sleep" /lab/run.out
+kill -TERM $tpid
+wait $tpid
+echo "trace_exit=$?" >> /lab/drivers
+ls /sys/kernel/tracing/instances > /lab/instances-during
 kill -9 $pid
 wait $pid 2>/dev/null
 sleep 1
@@ -102,6 +112,8 @@ echo "restore_exit=$?" >> /lab/drivers
 echo "after_restore=$(driver)" >> /lab/drivers
 harness restore > /lab/restore-again.out 2>&1
 echo "restore_again_exit=$?" >> /lab/drivers
+cat /sys/kernel/tracing/kprobe_events > /lab/kprobes-left
+ls /sys/kernel/tracing/instances > /lab/instances-left
 """
 
 
@@ -129,6 +141,17 @@ def test_preflight_binding_sigkill_and_restore_in_the_lab(tmp_path: Path) -> Non
     assert f"{LAB_DEVICE_BDF}: restored" in (share / "restore.out").read_text()
     assert drivers["restore_again_exit"] == "0"
     assert "nothing to restore" in (share / "restore-again.out").read_text()
+    # harness trace, stopped by SIGTERM in the middle of the run, saw L2's MSI-X connected
+    # (its own probes, beside the run's), removed its probes, and wrote the wiring.
+    assert drivers["trace_exit"] == "0", (share / "trace.out").read_text()
+    wiring = json.loads((share / "trace.json").read_text())["wiring"]
+    msix = [w for w in wiring if w["bdf"] == LAB_DEVICE_BDF and w["kind"] == "msix"]
+    assert len(msix) == 3 and all(w["connected"] for w in msix), wiring
+    assert len((share / "instances-during").read_text().split()) == 1, "only the run's"
+    # restore also removed the probes and instance the SIGKILLed run could not.
+    assert "harness_irqbp" not in (share / "kprobes-left").read_text()
+    assert (share / "instances-left").read_text().strip() == ""
+    assert "removed the kprobes and trace instance" in (share / "restore.out").read_text()
     report = json.loads((share / "preflight.json").read_text())
     text = json.dumps(report)
     assert report["iommu"]["enabled"]["value"] is True, text[:2000]

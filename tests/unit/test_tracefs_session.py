@@ -16,16 +16,18 @@ from harness.host.tracefs import KprobeSession, ProbeSpec
 
 
 def fake_tracefs(tmp_path: Path, functions: list[str], tracepoints: list[str]) -> Path:
+    """The files a session touches.  The kernel makes an instance's events/ when the instance
+    is made; a directory cannot, so the fake instance ``inst`` exists beforehand."""
     root = tmp_path / "tracing"
-    (root / "events" / "grp").mkdir(parents=True)
-    (root / "events" / "grp" / "enable").write_text("")  # the kernel makes it with the group
+    events = root / "instances" / "inst" / "events"
+    (events / "grp").mkdir(parents=True)
+    (events / "grp" / "enable").write_text("")
     (root / "kprobe_events").write_text("")
-    (root / "trace").write_text("stale records\n")
     (root / "available_filter_functions").write_text(
         "".join(f"{f} [somemod]\n" for f in functions))
     for tp in tracepoints:
-        (root / "events" / tp).mkdir(parents=True)
-        (root / "events" / tp / "enable").write_text("0\n")
+        (events / tp).mkdir(parents=True)
+        (events / tp / "enable").write_text("0\n")
     return root
 
 
@@ -34,26 +36,38 @@ PROBES = [ProbeSpec("a", "func_a", "x=$arg1:x64"), ProbeSpec("a_ret", "func_a", 
           ProbeSpec("b", "func_b", optional=True)]
 
 
-def test_session_adds_enables_and_removes_exactly_its_own(tmp_path: Path) -> None:
+def test_session_adds_enables_in_its_instance_and_removes_exactly_its_own(
+        tmp_path: Path) -> None:
     root = fake_tracefs(tmp_path, ["func_a"], ["kvm/kvm_pi_irte_update"])
-    with KprobeSession("grp", PROBES, ["kvm/kvm_pi_irte_update", "kvm/absent"], root) as s:
-        assert (root / "trace").read_text() == "\n", "the buffer is cleared at start"
+    events = root / "instances" / "inst" / "events"
+    with KprobeSession("grp", PROBES, ["kvm/kvm_pi_irte_update", "kvm/absent"], root,
+                       instance="inst") as s:
         assert [p.name for p in s.added] == ["a", "a_ret"]
-        assert (root / "events" / "grp" / "enable").read_text() == "1\n"
-        assert (root / "events" / "kvm" / "kvm_pi_irte_update" / "enable").read_text() == "1\n"
+        assert (events / "grp" / "enable").read_text() == "1\n"
+        assert (events / "kvm" / "kvm_pi_irte_update" / "enable").read_text() == "1\n"
+        assert not (root / "events").exists(), "nothing is enabled outside the instance"
         assert any("func_b" in note for note in s.skipped)
         assert any("kvm/absent" in note for note in s.skipped)
     assert (root / "kprobe_events").read_text().splitlines() == [
         "p:grp/a somemod:func_a x=$arg1:x64", "r:grp/a_ret somemod:func_a ret=$retval",
         "-:grp/a_ret", "-:grp/a"]
-    assert (root / "events" / "grp" / "enable").read_text() == "0\n"
-    assert (root / "events" / "kvm" / "kvm_pi_irte_update" / "enable").read_text() == "0\n"
+    assert (events / "grp" / "enable").read_text() == "0\n"
+    assert (events / "kvm" / "kvm_pi_irte_update" / "enable").read_text() == "0\n"
+
+
+def test_an_instance_the_session_made_is_removed(tmp_path: Path) -> None:
+    root = fake_tracefs(tmp_path, ["func_a"], [])
+    session = KprobeSession("grp", [], [], root, instance="mine")
+    session.start()
+    assert (root / "instances" / "mine").is_dir()
+    session.stop()
+    assert not (root / "instances" / "mine").exists()
 
 
 def test_a_missing_required_symbol_fails_and_removes_what_was_added(tmp_path: Path) -> None:
     root = fake_tracefs(tmp_path, ["func_a"], [])
     probes = [PROBES[0], ProbeSpec("c", "func_c")]
-    session = KprobeSession("grp", probes, [], root)
+    session = KprobeSession("grp", probes, [], root, instance="inst")
     with pytest.raises(HostError, match="func_c: not in available_filter_functions"):
         session.start()
     assert (root / "kprobe_events").read_text().splitlines() == [
