@@ -74,6 +74,13 @@ class RestoreRequest:
 
 
 @dataclass(frozen=True)
+class MergeRequest:
+    paths: tuple[Path, ...]
+    json_out: Path | None
+    junit_out: Path | None
+
+
+@dataclass(frozen=True)
 class LabRunRequest:
     scenario: Path
     out: Path | None
@@ -94,7 +101,7 @@ class TraceRequest:
 
 Request = (RunRequest | ValidateRequest | SchemaRequest | IrqDiffRequest | ImageBuildRequest
            | BenchRequest | TraceRequest | LabRunRequest | LabShellRequest | PreflightRequest
-           | RestoreRequest)
+           | RestoreRequest | MergeRequest)
 
 
 def _progress(message: str) -> None:
@@ -293,12 +300,25 @@ def handle_restore(req: RestoreRequest) -> int:
     return 0 if all(r.ok for r in results) else 3
 
 
+def handle_merge(req: MergeRequest) -> int:
+    """Exit 0 when every merged run passed, 1 otherwise."""
+    from harness.report.merge import format_merged, load_runs, merge, merged_junit
+
+    merged = merge(load_runs(req.paths))
+    print(format_merged(merged))
+    if req.json_out is not None:
+        req.json_out.write_text(json.dumps(merged, indent=2) + "\n")
+    if req.junit_out is not None:
+        merged_junit(merged).write(req.junit_out, encoding="utf-8", xml_declaration=True)
+    return 0 if merged["passed"] else 1
+
+
 HANDLERS: dict[type, Callable[..., int]] = {
     RunRequest: handle_run, ValidateRequest: handle_validate, SchemaRequest: handle_schema,
     IrqDiffRequest: handle_irq_diff, ImageBuildRequest: handle_image_build,
     BenchRequest: handle_bench, TraceRequest: handle_trace, LabRunRequest: handle_lab_run,
     LabShellRequest: handle_lab_shell, PreflightRequest: handle_preflight,
-    RestoreRequest: handle_restore,
+    RestoreRequest: handle_restore, MergeRequest: handle_merge,
 }
 
 
@@ -361,6 +381,14 @@ def parse_args(argv: Sequence[str]) -> tuple[Request, bool]:
     p.add_argument("--force", action="store_true",
                    help="also restore devices whose owning harness still runs")
 
+    report = sub.add_parser("report", help="reports")
+    report_sub = report.add_subparsers(dest="report_command", required=True,
+                                       parser_class=_Parser)
+    p = report_sub.add_parser("merge", help="merge run reports of many hosts into one")
+    p.add_argument("paths", type=Path, nargs="+", help="report.json files or folders of them")
+    p.add_argument("--json", type=Path, dest="json_out", help="write the merged JSON here")
+    p.add_argument("--junit", type=Path, dest="junit_out", help="write merged JUnit XML here")
+
     lab = sub.add_parser("lab", help="the virtual lab: VFIO assignment with no hardware")
     lab_sub = lab.add_subparsers(dest="lab_command", required=True, parser_class=_Parser)
     p = lab_sub.add_parser("run", help="run a scenario inside the emulated host (L1)")
@@ -383,6 +411,8 @@ def parse_args(argv: Sequence[str]) -> tuple[Request, bool]:
         request = IrqDiffRequest(ns.before, ns.after, ns.as_json, ns.all_rows)
     elif ns.command == "image":
         request = ImageBuildRequest(ns.recipe)
+    elif ns.command == "report":
+        request = MergeRequest(tuple(ns.paths), ns.json_out, ns.junit_out)
     elif ns.command == "preflight":
         request = PreflightRequest(tuple(ns.device), ns.as_json, ns.root)
     elif ns.command == "restore":

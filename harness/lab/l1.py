@@ -62,6 +62,7 @@ _JOB_HEAD = """#!/bin/sh
 # Written by `harness lab`; run by L1's init as PID 1.  L1 powers off when it ends.
 export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
 export HOME=/root LANG=C.UTF-8 PYTHONUNBUFFERED=1 HARNESS_PINNED_IMAGES=/lab/images.json
+hostname lab-l1
 ip link set lo up
 mkdir -p /dev/pts /dev/shm
 mount -t devpts devpts /dev/pts
