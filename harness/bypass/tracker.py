@@ -334,6 +334,7 @@ class BypassTracker:
         if producer is not None:
             if producer.consumer is not None:
                 self._disconnecting.setdefault(r.pid, set()).add(producer.addr)
+                self._forget_posting(producer)
             self.manager.unregister_producer(producer)
 
     def _on_uncons(self, r: TraceRecord) -> None:
@@ -341,7 +342,29 @@ class BypassTracker:
         if consumer is not None:
             if isinstance(consumer.producer, KernelProducer):
                 self._disconnecting.setdefault(r.pid, set()).add(consumer.producer.addr)
+                self._forget_posting(consumer.producer)
             self.manager.unregister_consumer(consumer)
+
+    def _irq_of_gsi(self, gsi: int) -> int | None:
+        """4.x traced no host irq: the irqfd with this GSI names its producer, connected or
+        being connected right now (the IRTE update runs inside the registration)."""
+        for consumer in self.consumers.values():
+            if consumer.gsi != gsi:
+                continue
+            if isinstance(consumer.producer, KernelProducer):
+                return consumer.producer.irq
+            for stack in self._calls.values():
+                for call in stack:
+                    if call.kind == "producer" and any(c == consumer.addr
+                                                       for c, _, _ in call.adds):
+                        return call.irq
+        return None
+
+    def _forget_posting(self, producer: KernelProducer) -> None:
+        # A disconnect ends any posting of the pair, and before 6.17 KVM traces no IRTE update
+        # when it does (nor when a reconnect falls back to remapped mode): an "enabled" seen
+        # for an earlier connection must not vouch for the next one.
+        self.posted.pop(producer.irq, None)
 
     def _on_disconnect(self, r: TraceRecord) -> None:
         addr = r.int("prod") or 0
@@ -356,9 +379,15 @@ class BypassTracker:
 
     def _on_kvm_pi_irte_update(self, r: TraceRecord) -> None:
         match = _PI_IRTE.search(r.body)
-        if not match or match.group("irq") is None:
+        if not match:
             return
-        irq = int(match.group("irq"))
+        if match.group("irq") is not None:
+            irq = int(match.group("irq"))
+        else:
+            found = self._irq_of_gsi(int(match.group("gsi"), 16))
+            if found is None:
+                return
+            irq = found
         self.posted[irq] = PostedState(irq, match.group("state").startswith("enabled"),
                                        int(match.group("vcpu")), int(match.group("gsi"), 16),
                                        int(match.group("gvec"), 16), r.timestamp)

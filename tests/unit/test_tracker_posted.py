@@ -265,13 +265,6 @@ def test_each_format_records_the_posted_state_of_its_host_irq(era: str, enabled:
                                               guest_vector=39, timestamp=36.061219)}
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG (low impact): BypassTracker._on_kvm_pi_irte_update drops the 4.4-4.7 form, which "
-    "has no host irq, e.g. 'VT-d PI is enabled and being updated for this irq, vcpu 0, "
-    "gsi: 0x18, gvec: 0x27, pi_desc_addr: 0x0' (rendered from the verbatim 4.4-4.7 "
-    "TP_printk; no recorded line exists). Its GSI names a connected KVM irqfd whose producer "
-    "has the host irq, so it could be resolved. Those kernels predate $argN kprobes (4.20), "
-    "so the tracker's registration probes cannot run there anyway."))
 def test_a_4_4_record_without_host_irq_is_resolved_through_the_irqfd_gsi() -> None:
     tracker, wiring = replay(with_pi_lines(IRQFD, FORMAT["4.4-4.7"]))
     assert tracker.counts["kvm_pi_irte_update"] == 5
@@ -328,14 +321,6 @@ def test_a_connected_vector_whose_latest_update_is_disabled_is_not_posted() -> N
     assert tracker.posted[30].enabled is False
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: BypassTracker.wiring() trusts an 'enabled' kvm_pi_irte_update from an earlier "
-    "connection of the same host irq. Up to 6.16 KVM traces only the updates that post; "
-    "a teardown on AVIC, or a reconnect that falls back to remapped mode, is not traced. "
-    "Here the rendered 'VT-d PI is enabled and being updated for irq 30, vcpu 0, gsi: 0x18, "
-    "gvec: 0x27, pi_desc_addr: 0x0' after line 622 is followed by the real disconnects (lines "
-    "639, 696) and the real reconnect (line 707) with no update after it. wiring() still "
-    "reports irq 30 as posted. A disconnect should clear the host irq's posted state."))
 def test_an_enabled_irte_from_an_earlier_connection_does_not_make_a_reconnect_posted() -> None:
     """Only the first connects of irqs 30 and 31 (lines 622, 662) get an enabled line.
 
