@@ -150,6 +150,15 @@ class KprobeSession:
         self.enabled_tracepoints: list[str] = []
         self.skipped: list[str] = []  # human-readable notes: what could not be probed and why
 
+    @classmethod
+    def left_behind(cls, group: str, probe_names: Sequence[str], tracefs: Path) -> KprobeSession:
+        """A session standing for probes and an instance a dead process left, so that
+        :meth:`stop` removes them as it would have."""
+        session = cls(group, [ProbeSpec(name, "") for name in probe_names], (), tracefs, group)
+        session.added = list(session.probes)
+        session._made_instance = (tracefs / session._inst).is_dir()
+        return session
+
     @property
     def tracefs(self) -> Path:
         if self._tracefs is None:
@@ -292,8 +301,5 @@ def remove_stale_sessions(prefix: str, tracefs: Path | None = None) -> list[str]
         if match and not Path(f"/proc/{match.group(1)}").exists():
             stale.setdefault(inst.name, [])
     for group, names in stale.items():
-        session = KprobeSession(group, [ProbeSpec(n, "") for n in names], (), root, group)
-        session.added = list(session.probes)
-        session._made_instance = (instances / group).is_dir()
-        session.stop()
+        KprobeSession.left_behind(group, names, root).stop()
     return sorted(stale)

@@ -79,3 +79,29 @@ def test_a_missing_required_symbol_fails_and_removes_what_was_added(tmp_path: Pa
 def test_a_bad_group_name_is_refused() -> None:
     with pytest.raises(ValueError, match="bad kprobe group"):
         KprobeSession("a/b", PROBES)
+
+
+def test_stale_sessions_of_dead_processes_are_removed_and_live_ones_kept(
+        tmp_path: Path) -> None:
+    import os
+
+    from harness.host.tracefs import remove_stale_sessions
+
+    root = tmp_path / "tracing"
+    dead, alive = "hx_4194303", f"hx_{os.getpid()}"  # 4194303: above any pid_max
+    for group in (dead, alive):
+        enable = root / "instances" / group / "events" / group / "enable"
+        enable.parent.mkdir(parents=True)
+        enable.write_text("1\n")
+    (root / "kprobe_events").write_text(
+        f"p:{dead}/prod irqbypass:irq_bypass_register_producer\n"
+        f"r10:{dead}/prod_ret irqbypass:irq_bypass_register_producer\n"
+        f"p:{alive}/prod irqbypass:irq_bypass_register_producer\n")
+    (root / "instances" / dead / "events" / dead / "enable").unlink()  # rmdir needs it empty
+    (root / "instances" / dead / "events" / dead).rmdir()
+    (root / "instances" / dead / "events").rmdir()
+    assert remove_stale_sessions("hx", root) == [dead]
+    removals = (root / "kprobe_events").read_text().splitlines()[3:]
+    assert removals == [f"-:{dead}/prod_ret", f"-:{dead}/prod"]
+    assert not (root / "instances" / dead).exists()
+    assert (root / "instances" / alive).is_dir()
