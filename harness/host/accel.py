@@ -20,6 +20,7 @@ from pathlib import Path
 
 from harness.config.model import Accel
 from harness.errors import HostError
+from harness.qemu.machine import DIE_WITH_HARNESS
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +42,7 @@ class KvmProbe:
     seconds: float
 
 
-def _kvm_device_problem(dev: Path = Path("/dev/kvm")) -> str | None:
+def kvm_device_problem(dev: Path = Path("/dev/kvm")) -> str | None:
     if not dev.exists():
         return "/dev/kvm does not exist (KVM module not loaded, or no virtualization support)"
     if not os.access(dev, os.R_OK | os.W_OK):
@@ -51,7 +52,7 @@ def _kvm_device_problem(dev: Path = Path("/dev/kvm")) -> str | None:
 
 def probe_kvm(qemu: str, kernel: Path, timeout: float = PROBE_TIMEOUT_S) -> KvmProbe:
     """Boot ``kernel`` under KVM with no initramfs; usable if it prints its banner in time."""
-    problem = _kvm_device_problem()
+    problem = kvm_device_problem()
     if problem:
         return KvmProbe(False, problem, 0.0)
     argv = [qemu, "-accel", "kvm", "-cpu", "host", "-machine", "q35", "-m", "256",
@@ -61,7 +62,7 @@ def probe_kvm(qemu: str, kernel: Path, timeout: float = PROBE_TIMEOUT_S) -> KvmP
     started = time.monotonic()
     try:
         proc = subprocess.Popen(  # noqa: S603 - argv list, no shell
-            ["setpriv", "--pdeathsig", "KILL", "--", *argv], stdin=subprocess.DEVNULL,
+            [*DIE_WITH_HARNESS, *argv], stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, process_group=0)
     except OSError as exc:
         return KvmProbe(False, f"cannot run {qemu}: {exc.strerror}", 0.0)
@@ -135,12 +136,12 @@ def choose_accel(requested: Accel, qemu: str, kernel: Path | None,
     if requested == Accel.KVM:
         # Asked for by name: no boot test, only whether KVM can be opened at all; a guest
         # that then cannot boot fails its readiness wait with the console tail.
-        problem = _kvm_device_problem()
+        problem = kvm_device_problem()
         if problem:
             raise HostError("accel kvm", problem)
         return AccelDecision("kvm", "KVM requested by the scenario (not boot-tested)", True)
     if kernel is None:
-        problem = _kvm_device_problem()
+        problem = kvm_device_problem()
         probe = KvmProbe(problem is None, problem or "/dev/kvm is usable (not boot-tested)", 0)
     else:
         probe = cached_probe_kvm(qemu, kernel, cache_dir)

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from harness.errors import HostError
-from harness.host.accel import KvmProbe, _kvm_device_problem, cached_probe_kvm
+from harness.host.accel import KvmProbe, cached_probe_kvm, kvm_device_problem
 from harness.host.iommu import (
     Check,
     Evidence,
@@ -126,7 +126,7 @@ def default_kvm_probe(qemu: str | None = None, kernel: Path | None = None) -> Ac
     """The real probe: boot a kernel under ``-accel kvm -cpu host`` (cached per boot)."""
 
     def probe() -> KvmProbe:
-        problem = _kvm_device_problem()
+        problem = kvm_device_problem()
         if problem:
             return KvmProbe(False, problem, 0.0)
         binary = qemu or ("qemu-system-aarch64" if platform.machine() == "aarch64"
@@ -155,7 +155,7 @@ def _accel(view: HostView, accel_probe: AccelProbe | None) -> AccelReport:
         evidence.append(Evidence("/sys/module/kvm_intel, /sys/module/kvm_amd", "(absent)",
                                  "no VMX/SVM KVM module is loaded: no APICv/AVIC, no posting"))
     if view.live:
-        problem = _kvm_device_problem()
+        problem = kvm_device_problem()
         evidence.append(Evidence("/dev/kvm", problem or "present, read-write",
                                  "KVM cannot be opened" if problem else
                                  "exists; only a boot test shows whether it runs a guest"))

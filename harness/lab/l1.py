@@ -18,7 +18,7 @@ from pathlib import Path
 from harness.errors import GuestError, HarnessError, LaunchError
 from harness.images.builder import GuestImage, ensure_image, repo_root
 from harness.qemu.argv import channel_args, device_mac
-from harness.qemu.machine import Machine
+from harness.qemu.machine import DIE_WITH_HARNESS, Machine
 
 Progress = Callable[[str], None]
 
@@ -195,7 +195,7 @@ def shell(progress: Progress, run_dir: Path) -> int:
         "-mon", "chardev=console,mode=readline"]
     progress("lab: booting L1; you get a root shell in it (exit powers it off; Ctrl-A x "
              "quits QEMU)")
-    proc = subprocess.Popen(["setpriv", "--pdeathsig", "KILL", "--", *argv],
+    proc = subprocess.Popen([*DIE_WITH_HARNESS, *argv],
                             stdin=sys.stdin, stdout=sys.stdout, stderr=sys.stderr)
     try:
         return proc.wait()

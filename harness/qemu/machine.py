@@ -32,6 +32,9 @@ log = logging.getLogger(__name__)
 
 ArgvFactory = Callable[[int, int], list[str]]  # (qmp_fd, console_fd) -> argv
 
+# Prefix for every QEMU the harness starts: killed when the thread that started it dies.
+DIE_WITH_HARNESS = ("setpriv", "--pdeathsig", "KILL", "--")
+
 
 class MachineState(enum.Enum):
     CREATED = "created"
@@ -95,7 +98,7 @@ class Machine:
             with open(self.log_path, "wb") as out:
                 try:
                     self._proc = subprocess.Popen(  # noqa: S603 - argv list, no shell
-                        ["setpriv", "--pdeathsig", "KILL", "--", *self.argv],
+                        [*DIE_WITH_HARNESS, *self.argv],
                         pass_fds=(qmp_theirs.fileno(), con_theirs.fileno()),
                         stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
                         process_group=0)
