@@ -18,8 +18,9 @@ from harness.config.model import Scenario
 from harness.errors import LaunchError
 from harness.qemu import argv as qargv
 from harness.qemu.machine import Machine
-from harness.runner import RunResult, run_scenario
-from harness.vm import BASE_APPEND, GuestVM
+from harness.result import RunResult
+from harness.runner import run_scenario
+from harness.vm import GuestVM
 
 Progress = Callable[[str], None]
 
@@ -47,13 +48,12 @@ def bare_boot(vm: GuestVM, run_dir: Path) -> float:
     """Seconds from QEMU launch to QEMU exit for a kernel whose init powers off at once."""
     vm.prepare()
     assert vm.image is not None and vm.accel is not None
-    spec, image, accel = vm.spec, vm.image, vm.accel.accel
+    spec, image, accel, platform = vm.spec, vm.image, vm.accel.accel, vm.platform
     boot = qargv.Boot(kernel=image.kernel, initrd=image.initrd,
-                      append=f"{BASE_APPEND} harness.bare=1")
+                      append=f"{qargv.base_append(platform)} harness.bare=1")
 
     def argv_for(qmp_fd: int, console_fd: int) -> list[str]:
-        return (qargv.machine_args(spec, accel) + qargv.channel_args(qmp_fd, console_fd)
-                + qargv.boot_args(boot))
+        return qargv.bare_boot_argv(platform, spec, accel, boot, qmp_fd, console_fd)
 
     with Machine(f"{spec.name}-bare", argv_for, run_dir) as machine:
         started = time.monotonic()

@@ -20,6 +20,7 @@ from pathlib import Path
 from types import FrameType
 
 from harness.errors import HarnessError, UsageError
+from harness.platform import Arch
 
 
 @dataclass(frozen=True)
@@ -50,7 +51,8 @@ class IrqDiffRequest:
 
 @dataclass(frozen=True)
 class ImageBuildRequest:
-    recipe: str
+    recipe: str | None
+    arch: str | None
 
 
 @dataclass(frozen=True)
@@ -186,8 +188,17 @@ def handle_irq_diff(req: IrqDiffRequest) -> int:
 
 def handle_image_build(req: ImageBuildRequest) -> int:
     from harness.images.builder import ensure_image
+    from harness.platform import platform_for, recipe_platform
 
-    image = ensure_image(req.recipe, progress=_progress)
+    if req.recipe is None:
+        platform = platform_for(req.arch)
+        recipe = platform.recipes[0]
+    else:
+        recipe, platform = req.recipe, recipe_platform(req.recipe)
+        if req.arch is not None and platform is not platform_for(req.arch):
+            raise UsageError(f"recipe {recipe} is made of {platform.arch} packages, "
+                             f"not {req.arch}")
+    image = ensure_image(recipe, platform, progress=_progress)
     print(f"kernel {image.kernel}\ninitrd {image.initrd}\nrelease {image.kernel_release}")
     return 0
 
@@ -278,7 +289,14 @@ def handle_preflight(req: PreflightRequest) -> int:
     """Exit 0 when every named device can be assigned; 3 when one cannot."""
     from harness.host.preflight import DeviceVerdict, format_preflight, preflight, preflight_json
 
-    report = preflight(req.root, req.devices)
+    probe = None
+    if req.root == Path("/"):  # boot the cached guest kernel: it prints its banner first
+        from harness.host.accel import kvm_probe
+        from harness.images.builder import cache_root, cached_kernel
+        from harness.platform import host_platform
+
+        probe = kvm_probe(cached_kernel(host_platform()), cache_root())
+    report = preflight(req.root, req.devices, accel_probe=probe)
     print(preflight_json(report) if req.as_json else format_preflight(report))
     return 3 if any(d.verdict == DeviceVerdict.CANNOT_ASSIGN for d in report.devices) else 0
 
@@ -355,7 +373,10 @@ def parse_args(argv: Sequence[str]) -> tuple[Request, bool]:
     image = sub.add_parser("image", help="guest images")
     image_sub = image.add_subparsers(dest="image_command", required=True, parser_class=_Parser)
     p = image_sub.add_parser("build", help="build (or find cached) a guest image")
-    p.add_argument("recipe", nargs="?", default="debian-cloud")
+    p.add_argument("recipe", nargs="?", default=None,
+                   help="a folder under guest-images/ (default: the architecture's first)")
+    p.add_argument("--arch", choices=[a.value for a in Arch], default=None,
+                   help="guest architecture (default: this host's)")
 
     p = sub.add_parser("bench", help="time each phase of a scenario against a bare kernel boot")
     p.add_argument("scenario", type=Path)
@@ -410,7 +431,7 @@ def parse_args(argv: Sequence[str]) -> tuple[Request, bool]:
     elif ns.command == "irq":
         request = IrqDiffRequest(ns.before, ns.after, ns.as_json, ns.all_rows)
     elif ns.command == "image":
-        request = ImageBuildRequest(ns.recipe)
+        request = ImageBuildRequest(ns.recipe, ns.arch)
     elif ns.command == "report":
         request = MergeRequest(tuple(ns.paths), ns.json_out, ns.junit_out)
     elif ns.command == "preflight":

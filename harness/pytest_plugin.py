@@ -2,7 +2,9 @@
 
 ``vm_factory`` boots scenario VMs and tears every one down at the end of the test; a test's
 run folder (QEMU log, console, argv) is kept only when the test failed.  The ``system``
-marker skips a test, naming what is missing, on a host without QEMU.
+marker skips a test, naming what is missing, on a host without the QEMU it needs:
+``@pytest.mark.system`` for this host's architecture, ``@pytest.mark.system(arch="arm64")``
+for another one.
 """
 
 from __future__ import annotations
@@ -13,20 +15,25 @@ from collections.abc import Callable, Iterator
 import pytest
 
 from harness.config.model import VM
+from harness.platform import platform_for
 from harness.vm import GuestVM
 
 _FAILED = pytest.StashKey[bool]()
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    config.addinivalue_line("markers", "system: boots real QEMU guests (needs "
-                            "qemu-system-x86_64 and the guest image)")
+    config.addinivalue_line("markers", "system(arch=None): boots real QEMU guests of the "
+                            "architecture (default: the host's); needs its QEMU")
 
 
 def pytest_runtest_setup(item: pytest.Item) -> None:
-    if item.get_closest_marker("system") and shutil.which("qemu-system-x86_64") is None:
-        pytest.skip("host capability missing: qemu-system-x86_64 is not installed "
-                    "(run ci/setup)")
+    marker = item.get_closest_marker("system")
+    if marker is None:
+        return
+    platform = platform_for(marker.kwargs.get("arch"))
+    if shutil.which(platform.qemu) is None:
+        pytest.skip(f"host capability missing: {platform.qemu} is not installed "
+                    f"(Debian package {platform.qemu_package}; run ci/setup)")
 
 
 @pytest.hookimpl(wrapper=True)

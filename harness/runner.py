@@ -1,26 +1,32 @@
-"""One scenario end to end: prepare, boot, snapshot, workloads, snapshot, verdicts, teardown.
+"""One scenario end to end, as phases: prepare, boot, snapshot, workloads, snapshot, verdicts.
 
-Teardown always runs (an ExitStack owns every VM); the result carries the phase timings, the
-per-vector verdicts with their evidence and the expectation results, and is what every report
-format is written from.  Raw captures are saved in the run folder as evidence.
+Each phase is a function that takes frozen values and returns one (:class:`Booted`,
+:class:`Window`, a tuple of :class:`~harness.result.WorkloadResult`, the verdicts), so new
+phases (hotplug, a second measurement window) slot in between without reaching into the
+others.  :func:`run_scenario` composes them; the :class:`~harness.result.RunResult` grows by
+``dataclasses.replace`` after each phase, so a run that fails half-way still reports what it
+measured.  Teardown always runs (an ExitStack owns every VM, binding and probe), and the raw
+captures are saved in the run folder as evidence.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from types import MappingProxyType
 
-from harness.config.model import EMULATED_KINDS, Scenario, VfioPci
+from harness.config.model import Scenario
 from harness.errors import HarnessError
 from harness.guest.agent import GuestSnapshot
 from harness.host.binding import VfioBinding
-from harness.hostside import HostEvidence
+from harness.hostside import HostEvidence, HostMeasurement, HostSnapshot
 from harness.qemu.argv import PlacedDevice
+from harness.result import HostFindings, Phase, RunResult, VMSummary, WorkloadResult
 from harness.verdict import ExpectationResult, VectorVerdict, check, classify
 from harness.vm import GuestVM
 
@@ -30,60 +36,22 @@ Progress = Callable[[str], None]
 
 
 @dataclass(frozen=True)
-class Phase:
-    name: str
-    seconds: float
+class Booted:
+    vms: tuple[VMSummary, ...]
+    phases: tuple[Phase, ...]  # the boot's own phases (one VM) or its total (several)
 
 
 @dataclass(frozen=True)
-class WorkloadResult:
-    vm: str
-    name: str
-    argv: tuple[str, ...]
-    exit_status: int
-    seconds: float
-    output_tail: str
+class Window:
+    """One side of the measurement window: every guest's counters and the host's."""
 
-
-@dataclass(frozen=True)
-class VMSummary:
-    name: str
-    accel: str
-    accel_reason: str
-    kernel_release: str
-    image_key: str
-    ssh_port: int | None
-    devices: tuple[tuple[str, str, str], ...]  # (id, kind, guest BDF)
-
-
-@dataclass
-class RunResult:
-    scenario: Scenario
-    scenario_file: str
-    run_dir: Path
-    started: float  # time.time()
-    phases: list[Phase] = field(default_factory=list)
-    vms: list[VMSummary] = field(default_factory=list)
-    workloads: list[WorkloadResult] = field(default_factory=list)
-    verdicts: list[VectorVerdict] = field(default_factory=list)
-    expectations: list[ExpectationResult] = field(default_factory=list)
-    error: HarnessError | None = None
-    console_tails: dict[str, str] = field(default_factory=dict)
-    host_wiring: list[dict[str, Any]] = field(default_factory=list)
-    host_notes: list[str] = field(default_factory=list)
-
-    @property
-    def passed(self) -> bool:
-        return (self.error is None and all(w.exit_status == 0 for w in self.workloads)
-                and all(e.passed for e in self.expectations))
-
-    @property
-    def total_seconds(self) -> float:
-        return sum(p.seconds for p in self.phases)
+    guests: Mapping[str, GuestSnapshot]
+    host: HostSnapshot | None
 
 
 def vector_verdicts(vm: str, placed: tuple[PlacedDevice, ...], before: GuestSnapshot,
-                    after: GuestSnapshot, host: HostEvidence | None = None) -> list[VectorVerdict]:
+                    after: GuestSnapshot,
+                    host: HostMeasurement | None = None) -> list[VectorVerdict]:
     """A verdict for every MSI/MSI-X vector of every scenario device the guest set up.
 
     For an assigned device the guest vector (guest BDF, MSI-X entry) is joined to the host's
@@ -95,7 +63,7 @@ def vector_verdicts(vm: str, placed: tuple[PlacedDevice, ...], before: GuestSnap
     for p in placed:
         func = after.device(p.bdf) or before.device(p.bdf)
         msi_irqs = {irq for irq, _ in func.msi_irqs} if func else set()
-        assigned = p.device if isinstance(p.device, VfioPci) else None
+        assigned = p.device.assigned_host
         for row in delta.rows:
             line = row.after or row.before
             if line is None:
@@ -107,10 +75,10 @@ def vector_verdicts(vm: str, placed: tuple[PlacedDevice, ...], before: GuestSnap
             entry = line.vector.entry if line.vector else None
             host_delta = wiring = None
             if assigned is not None and host is not None:
-                host_delta = host.host_delta(assigned.host, entry)
-                found = host.wiring_for(assigned.host, entry)
+                host_delta = host.host_delta(assigned, entry)
+                found = host.wiring_for(assigned, entry)
                 wiring = found.as_verdict_wiring() if found else None
-            path, reason = classify(p.device.kind in EMULATED_KINDS, row.total, host_delta,
+            path, reason = classify(p.device.emulated, row.total, host_delta,
                                     wiring)
             if assigned is not None and host is not None and host.wiring_note and wiring is None:
                 reason += f" ({host.wiring_note})"
@@ -122,9 +90,94 @@ def vector_verdicts(vm: str, placed: tuple[PlacedDevice, ...], before: GuestSnap
     return verdicts
 
 
-class _Clock:
+# --- the phases -----------------------------------------------------------------------------
+
+
+def prepare_vms(scenario: Scenario, run_dir: Path, progress: Progress,
+                stack: contextlib.ExitStack) -> tuple[GuestVM, ...]:
+    """Image, accelerator and placement of every VM; each VM's teardown goes on ``stack``."""
+    vms = []
+    for spec in scenario.vms:
+        vm = stack.enter_context(GuestVM(spec, run_dir, progress, scenario.timeouts.boot_s,
+                                         scenario.timeouts.shutdown_s))
+        vm.prepare()
+        vms.append(vm)
+    return tuple(vms)
+
+
+def boot(vms: tuple[GuestVM, ...]) -> Booted:
+    """Every QEMU first, then every wait: the guests boot side by side."""
+    started = time.monotonic()
+    for vm in vms:
+        vm.launch()
+    for vm in vms:
+        vm.wait_ready()
+    if len(vms) == 1:
+        phases = tuple(Phase(n, s) for n, s in vms[0].times.phases())
+    else:
+        phases = (Phase(f"boot {len(vms)} VMs", time.monotonic() - started),)
+    return Booted(tuple(_summary(vm) for vm in vms), phases)
+
+
+def _summary(vm: GuestVM) -> VMSummary:
+    assert vm.accel is not None and vm.ssh is not None
+    return VMSummary(vm.name, vm.platform.arch.value, vm.spec.qemu or vm.platform.qemu,
+                     vm.accel.accel, vm.accel.reason, vm.kernel_release, vm.image_key,
+                     vm.ssh.port, tuple((p.device.id, p.device.kind, p.bdf) for p in vm.placed))
+
+
+def snapshot(vms: tuple[GuestVM, ...], host: HostEvidence | None, label: str,
+             run_dir: Path) -> Window:
+    """Every guest's counters (saved as ``<vm>.<label>.interrupts``) and the host's."""
+    guests = {}
+    for vm in vms:
+        guests[vm.name] = vm.snapshot()
+        (run_dir / f"{vm.name}.{label}.interrupts").write_text(guests[vm.name].raw_interrupts)
+    return Window(MappingProxyType(guests), host.snapshot(label) if host else None)
+
+
+def run_workloads(scenario: Scenario, vms: tuple[GuestVM, ...], run_dir: Path,
+                  progress: Progress) -> tuple[WorkloadResult, ...]:
+    """The scenario's workloads in order; the output goes to ``<vm>.workload.log``."""
+    by_name = {vm.name: vm for vm in vms}
+    results = []
+    for workload in scenario.workloads:
+        label = workload.name or " ".join(workload.run)
+        progress(f"{workload.vm}: running {label}")
+        done = by_name[workload.vm].run(workload.run, workload.timeout_s)
+        tail = (done.stdout + done.stderr).strip().splitlines()[-3:]
+        results.append(WorkloadResult(workload.vm, label, workload.run, done.exit_status,
+                                      done.seconds, "\n".join(tail)))
+        with (run_dir / f"{workload.vm}.workload.log").open("a") as log_file:
+            log_file.write(f"$ {label}\n{done.stdout}{done.stderr}[exit {done.exit_status}]\n")
+    return tuple(results)
+
+
+def judge(scenario: Scenario, vms: tuple[GuestVM, ...], before: Window, after: Window,
+          host: HostMeasurement | None
+          ) -> tuple[tuple[VectorVerdict, ...], tuple[ExpectationResult, ...]]:
+    """A verdict per vector of every VM, and each expectation checked against them."""
+    verdicts: list[VectorVerdict] = []
+    for vm in vms:
+        verdicts += vector_verdicts(vm.name, vm.placed, before.guests[vm.name],
+                                    after.guests[vm.name], host)
+    return tuple(verdicts), tuple(check(e, verdicts) for e in scenario.expect)
+
+
+# --- the run --------------------------------------------------------------------------------
+
+
+class _Progress:
+    """The run's frozen result so far, and a clock that adds a phase to it."""
+
     def __init__(self, result: RunResult) -> None:
-        self._result = result
+        self.result = result
+
+    def update(self, **changes: object) -> None:
+        self.result = dataclasses.replace(self.result, **changes)  # type: ignore[arg-type]
+
+    def add_phases(self, *phases: Phase) -> None:
+        self.update(phases=self.result.phases + phases)
 
     @contextlib.contextmanager
     def phase(self, name: str) -> Iterator[None]:
@@ -132,7 +185,7 @@ class _Clock:
         try:
             yield None
         finally:
-            self._result.phases.append(Phase(name, time.monotonic() - started))
+            self.add_phases(Phase(name, time.monotonic() - started))
 
 
 def run_scenario(scenario: Scenario, scenario_file: str, run_dir: Path,
@@ -140,105 +193,70 @@ def run_scenario(scenario: Scenario, scenario_file: str, run_dir: Path,
                  force_bind: bool = False) -> RunResult:
     """Run the scenario; harness errors end up in ``result.error``, never half-torn-down."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    result = RunResult(scenario, scenario_file, run_dir, time.time())
-    clock = _Clock(result)
-    vms: dict[str, GuestVM] = {}
+    run = _Progress(RunResult(scenario, scenario_file, run_dir, time.time()))
+    vms: tuple[GuestVM, ...] = ()
     try:
         with contextlib.ExitStack() as stack:
             try:
-                _run_inside(scenario, result, clock, vms, stack, progress, force_bind)
+                # The VMs' own stack is entered after the bindings and probes, so on the way
+                # out every QEMU is gone before any device goes back to its host driver.
+                vm_stack = contextlib.ExitStack()
+                try:
+                    with run.phase("prepare (image, accel)"):
+                        vms = prepare_vms(scenario, run_dir, progress, vm_stack)
+                    host = _host_evidence(scenario, vms, run, stack, progress, force_bind)
+                except BaseException:
+                    vm_stack.close()
+                    raise
+                stack.enter_context(vm_stack)
+                booted = boot(vms)
+                run.update(vms=booted.vms)
+                run.add_phases(*booted.phases)
+                with run.phase("snapshot before"):
+                    before = snapshot(vms, host, "before", run_dir)
+                with run.phase("workload"):
+                    run.update(workloads=run_workloads(scenario, vms, run_dir, progress))
+                with run.phase("verdict"):
+                    after = snapshot(vms, host, "after", run_dir)
+                    measured = None
+                    if host is not None:
+                        assert before.host is not None and after.host is not None
+                        measured = host.measure(before.host, after.host)
+                        run.update(host=HostFindings(
+                            tuple(w.to_dict() for w in measured.wiring),
+                            run.result.host.notes + measured.notes()))
+                    verdicts, expectations = judge(scenario, vms, before, after, measured)
+                    run.update(verdicts=verdicts, expectations=expectations)
             finally:
-                for name, vm in vms.items():
-                    result.console_tails[name] = vm.console_tail()
+                run.update(console_tails=MappingProxyType(
+                    {vm.name: vm.console_tail() for vm in vms}))
                 teardown_started = time.monotonic()
                 stack.close()
-                result.phases.append(Phase("teardown", time.monotonic() - teardown_started))
+                run.add_phases(Phase("teardown", time.monotonic() - teardown_started))
     except HarnessError as exc:
-        result.error = exc
+        run.update(error=exc)
         progress(f"error: {exc}")
-    return result
+    return run.result
 
 
-def _run_inside(scenario: Scenario, result: RunResult, clock: _Clock,
-                vms: dict[str, GuestVM], stack: contextlib.ExitStack,
-                progress: Progress, force_bind: bool) -> None:
-    # The VMs' own stack is pushed after the device bindings, so on the way out every QEMU
-    # is gone before any device goes back to its host driver.
-    vm_stack = contextlib.ExitStack()
-    try:
-        with clock.phase("prepare (image, accel)"):
-            for spec in scenario.vms:
-                vm = vm_stack.enter_context(GuestVM(spec, result.run_dir, progress,
-                                                    scenario.timeouts.boot_s,
-                                                    scenario.timeouts.shutdown_s))
-                vm.prepare()
-                vms[spec.name] = vm
-    except BaseException:
-        vm_stack.close()
-        raise
-    assigned = [d.host for spec in scenario.vms for d in spec.devices if isinstance(d, VfioPci)]
-    host: HostEvidence | None = None
-    if assigned:
-        host = HostEvidence(result.run_dir)
-        host.check_devices(assigned, next(iter(vms.values())).accel)
-        result.host_notes += host.device_notes
-        for note in host.device_notes:
-            progress(note)
-        with clock.phase("bind to vfio-pci"):
-            binding = stack.enter_context(VfioBinding(assigned, force=force_bind))
-        if binding.bound:
-            progress(f"bound {', '.join(binding.bound)} to vfio-pci (journaled; restored at "
-                     "the end)")
-        host.start_tracing()  # before QEMU: every registration must be seen
-        stack.callback(host.stop)
-        if host.wiring_note:
-            progress(host.wiring_note)
-    stack.enter_context(vm_stack)
-    boot_started = time.monotonic()
-    for vm in vms.values():  # all QEMUs first: the guests boot side by side
-        vm.launch()
-    for vm in vms.values():
-        vm.wait_ready()
-    boot_total = time.monotonic() - boot_started
-    if len(vms) == 1:
-        result.phases += [Phase(n, s) for n, s in next(iter(vms.values())).times.phases()]
-    else:
-        result.phases.append(Phase(f"boot {len(vms)} VMs", boot_total))
-    for vm in vms.values():
-        assert vm.accel is not None and vm.ssh is not None
-        result.vms.append(VMSummary(vm.name, vm.accel.accel, vm.accel.reason,
-                                    vm.kernel_release, vm.image_key, vm.ssh.port,
-                                    tuple((p.device.id, p.device.kind, p.bdf)
-                                          for p in vm.placed)))
-    before = {}
-    with clock.phase("snapshot before"):
-        for name, vm in vms.items():
-            before[name] = vm.snapshot()
-            (result.run_dir / f"{name}.before.interrupts").write_text(before[name].raw_interrupts)
-        if host is not None:
-            host.snapshot_before()
-    with clock.phase("workload"):
-        for workload in scenario.workloads:
-            label = workload.name or " ".join(workload.run)
-            progress(f"{workload.vm}: running {label}")
-            done = vms[workload.vm].run(workload.run, workload.timeout_s)
-            tail = (done.stdout + done.stderr).strip().splitlines()[-3:]
-            result.workloads.append(WorkloadResult(workload.vm, label, workload.run,
-                                                   done.exit_status, done.seconds,
-                                                   "\n".join(tail)))
-            (result.run_dir / f"{workload.vm}.workload.log").open("a").write(
-                f"$ {label}\n{done.stdout}{done.stderr}[exit {done.exit_status}]\n")
-    with clock.phase("verdict"):
-        afters = {}
-        for name, vm in vms.items():
-            afters[name] = vm.snapshot()
-            (result.run_dir / f"{name}.after.interrupts").write_text(afters[name].raw_interrupts)
-        if host is not None:
-            host.snapshot_after()  # while the guests run: vfio lines vanish with QEMU
-            result.host_wiring = [w.to_dict() for w in host.wiring]
-            result.host_notes += ([host.wiring_note] if host.wiring_note else []) + [
-                f"anomaly {a.kind}: {a.message}" for a in host.tracker.anomalies]
-        for name, vm in vms.items():
-            result.verdicts += vector_verdicts(name, vm.placed, before[name], afters[name],
-                                               host)
-        result.expectations = [check(e, result.verdicts) for e in scenario.expect]
+def _host_evidence(scenario: Scenario, vms: tuple[GuestVM, ...], run: _Progress,
+                   stack: contextlib.ExitStack, progress: Progress,
+                   force_bind: bool) -> HostEvidence | None:
+    """For assigned devices: preflight, the journaled binding and the bypass probes, all
+    before any QEMU starts; None when the scenario assigns nothing."""
+    assigned = [d.assigned_host for spec in scenario.vms for d in spec.devices
+                if d.assigned_host is not None]
+    if not assigned:
+        return None
+    host = stack.enter_context(HostEvidence(run.result.run_dir, assigned, vms[0].accel))
+    run.update(host=HostFindings(notes=host.device_notes))
+    for note in host.device_notes:
+        progress(note)
+    with run.phase("bind to vfio-pci"):
+        binding = stack.enter_context(VfioBinding(assigned, force=force_bind))
+    if binding.bound:
+        progress(f"bound {', '.join(binding.bound)} to vfio-pci (journaled; restored at "
+                 "the end)")
+    if host.wiring_note:
+        progress(host.wiring_note)
+    return host

@@ -11,23 +11,13 @@ import fnmatch
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from harness.bypass.tracker import Wiring
 from harness.config.model import DeliveryPath, Expectation, entry_number
 
 # Host/guest ratio bands.  A bounce raises the host count once per guest interrupt (sampling
 # while the guest runs can lose a few at either end); posting leaves the host count alone.
 BOUNCE_MIN_RATIO = 0.5
 POSTED_MAX_RATIO = 0.1
-
-
-@dataclass(frozen=True)
-class Wiring:
-    """What the bypass tracker saw for one assigned vector (see harness.bypass)."""
-
-    producer: bool
-    consumer: bool
-    connected: bool
-    posted: bool = False
-    detail: str = ""
 
 
 @dataclass(frozen=True)

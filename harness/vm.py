@@ -16,21 +16,27 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 
-from harness.config.model import VM, BuiltinImage, CloudImage, KernelImage, VirtioBlk
-from harness.errors import GuestError, HostError
+from harness.config.model import VM, BuiltinImage, CloudImage, KernelImage
+from harness.errors import GuestError
 from harness.guest.agent import GuestAgent, GuestSnapshot
 from harness.guest.ssh import ClientKey, CommandResult, GuestSSH, parse_host_key
 from harness.host.accel import AccelDecision, choose_accel
-from harness.images.builder import GuestImage, UserKernel, cache_root, ensure_image
+from harness.images.builder import (
+    GuestImage,
+    Recipe,
+    UserKernel,
+    cache_root,
+    choose_recipe,
+    ensure_image,
+)
 from harness.images.cloud import make_overlay, make_seed
+from harness.platform import Platform, platform_for
 from harness.qemu import argv as qargv
 from harness.qemu.machine import Machine
 
 log = logging.getLogger(__name__)
 
 Progress = Callable[[str], None]
-
-BASE_APPEND = "console=ttyS0 panic=-1 loglevel=4"
 
 
 @dataclass
@@ -74,6 +80,22 @@ class GuestVM:
     def name(self) -> str:
         return self.spec.name
 
+    @property
+    def platform(self) -> Platform:
+        return platform_for(self.spec.arch)
+
+    def guest_modules(self) -> tuple[str, ...]:
+        """The drivers the VM's devices need in the guest kernel."""
+        return tuple(dict.fromkeys(m for d in self.spec.devices for m in d.guest_modules))
+
+    def recipe(self) -> Recipe:
+        """The builtin recipe: the scenario's, or the platform's cheapest that has every
+        driver the devices need."""
+        image = self.spec.image
+        if isinstance(image, BuiltinImage) and image.recipe is not None:
+            return Recipe.load(image.recipe)
+        return choose_recipe(self.platform, self.guest_modules())
+
     def __repr__(self) -> str:
         return f"<GuestVM {self.name} {self.machine!r}>"
 
@@ -81,26 +103,23 @@ class GuestVM:
 
     def prepare(self) -> None:
         """Image, accelerator and device placement; raises before anything is started."""
-        image = self.spec.image
+        image, platform = self.spec.image, self.platform
         if isinstance(image, CloudImage):
             # The accelerator probe boots a known kernel: the builtin one.
-            probe_kernel = ensure_image(progress=self.progress).kernel
+            probe_kernel = ensure_image(platform.recipes[0], platform,
+                                        progress=self.progress).kernel
             self.image = None
         else:
-            user_kernel = (UserKernel(Path(image.kernel), Path(image.modules)
-                                      if image.modules else None)
+            user_kernel = (UserKernel(Path(image.kernel), platform,
+                                      Path(image.modules) if image.modules else None)
                            if isinstance(image, KernelImage) else None)
-            recipe = image.recipe if isinstance(image, BuiltinImage) else "debian-cloud"
-            self.image = ensure_image(recipe, progress=self.progress, user_kernel=user_kernel)
+            self.image = ensure_image(self.recipe().name, platform, progress=self.progress,
+                                      user_kernel=user_kernel)
             probe_kernel = self.image.kernel
-        self.accel = choose_accel(self.spec.accel, self.spec.qemu, probe_kernel, cache_root())
+        self.accel = choose_accel(self.spec.accel, platform, self.spec.qemu, probe_kernel,
+                                  cache_root())
         self.progress(f"{self.name}: accel {self.accel.accel} ({self.accel.reason})")
-        self.placed = qargv.place_devices(self.spec.devices)
-        for placed in self.placed:
-            if placed.device.kind == "ivshmem-doorbell":
-                raise HostError(f"{self.name}/{placed.device.id}",
-                                "ivshmem-doorbell needs an ivshmem server, which this "
-                                "version of the harness does not run yet")
+        self.placed = qargv.place_devices(self.spec.devices, platform)
 
     @property
     def kernel_release(self) -> str:
@@ -117,35 +136,38 @@ class GuestVM:
         image = self.spec.image
         if isinstance(image, CloudImage):
             overlay = make_overlay(Path(image.disk), image.format, self.run_dir, self.name)
-            seed = make_seed(self.run_dir, self.name, client_key.public_line, image.user)
+            seed = make_seed(self.run_dir, self.name, client_key.public_line, image.user,
+                             self.platform.console)
             self._scratch += [overlay, seed]
             return qargv.Boot(disk=overlay, seed=seed), image.user
         assert self.image is not None
         nic = self._ssh_nic()
         address, gateway = nic.guest_address()
         append = " ".join(filter(None, [
-            BASE_APPEND, f"harness.net={nic.mac}", f"harness.ip={address}",
+            qargv.base_append(self.platform), f"harness.net={nic.mac}", f"harness.ip={address}",
             f"harness.gw={gateway}",
             f"harness.ssh_key={client_key.public_b64}", self.spec.append]))
         return qargv.Boot(kernel=self.image.kernel, initrd=self.image.initrd,
                           append=append), "root"
 
     def _ssh_nic(self) -> qargv.PlacedDevice:
-        nics = [p for p in self.placed if getattr(p.device, "ssh", False)]
+        nics = [p for p in self.placed if p.device.ssh_nic()]
         if len(nics) != 1:
             raise GuestError(self.name, "the VM needs exactly one NIC with ssh: true")
         return nics[0]
 
-    def _resources(self) -> qargv.DeviceResources:
-        disks = {}
+    def _scratch_files(self) -> dict[str, Path]:
+        """A sparse scratch file (it costs no disk) for each device that needs one."""
+        files = {}
         for placed in self.placed:
-            if isinstance(placed.device, VirtioBlk):
+            size = placed.device.scratch_size()
+            if size is not None:
                 path = self.run_dir / f"{self.name}.{placed.device.id}.img"
                 with open(path, "wb") as fh:
-                    fh.truncate(placed.device.size_mib << 20)  # sparse: costs no disk
+                    fh.truncate(size)
                 self._scratch.append(path)
-                disks[placed.device.id] = path
-        return qargv.DeviceResources(disks=disks, ivshmem_sockets={})
+                files[placed.device.id] = path
+        return files
 
     # --- boot --------------------------------------------------------------------------------
 
@@ -158,11 +180,11 @@ class GuestVM:
         client_key = ClientKey.generate()
         self._ssh_nic()
         boot, user = self._boot_spec(client_key)
-        resources = self._resources()
-        accel = self.accel.accel
+        scratch = self._scratch_files()
+        accel, platform = self.accel.accel, self.platform
 
         def argv_for(qmp_fd: int, console_fd: int) -> list[str]:
-            return qargv.build_argv(self.spec, accel, boot, self.placed, resources,
+            return qargv.build_argv(platform, self.spec, accel, boot, self.placed, scratch,
                                     qmp_fd, console_fd)
 
         self.machine = Machine(self.name, argv_for, self.run_dir)

@@ -21,7 +21,6 @@ from typing import Any
 from harness.bypass.manager import BypassError, BypassManager, CallbackError, Consumer, Producer
 from harness.host.tracefs import ProbeSpec, TraceRecord
 from harness.interrupts import InterruptSnapshot
-from harness.verdict import Wiring
 
 log = logging.getLogger(__name__)
 
@@ -147,6 +146,17 @@ class PostedState:
     gsi: int
     guest_vector: int
     timestamp: float
+
+
+@dataclass(frozen=True)
+class Wiring:
+    """What the tracker saw for one assigned vector, as the verdict weighs it."""
+
+    producer: bool
+    consumer: bool
+    connected: bool
+    posted: bool = False
+    detail: str = ""
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,6 @@ from harness.config.loader import (
     load_scenarios_text,
 )
 from harness.config.model import (
-    EMULATED_KINDS,
     VM,
     Accel,
     BuiltinImage,
@@ -22,7 +21,6 @@ from harness.config.model import (
     E1000e,
     Expectation,
     Image,
-    IvshmemDoorbell,
     KernelImage,
     Scenario,
     Timeouts,
@@ -34,7 +32,6 @@ from harness.config.model import (
 from harness.config.schema import scenario_json_schema, scenario_json_schema_text
 
 __all__ = [
-    "EMULATED_KINDS",
     "VM",
     "Accel",
     "BuiltinImage",
@@ -44,7 +41,6 @@ __all__ = [
     "E1000e",
     "Expectation",
     "Image",
-    "IvshmemDoorbell",
     "KernelImage",
     "Scenario",
     "Timeouts",

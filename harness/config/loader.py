@@ -27,7 +27,9 @@ from harness.config.schema import (
     kind_of,
     optional_inner,
 )
-from harness.errors import ConfigError
+from harness.errors import ConfigError, ImageError
+from harness.images.builder import Recipe, choose_recipe
+from harness.platform import platform_for
 
 __all__ = ["load_scenario", "load_scenario_text"]
 
@@ -42,7 +44,6 @@ _KNOWN_TAGS = frozenset({_STR, _INT, _FLOAT, _BOOL, _NULL, _TAG + "timestamp", _
 # YAML 1.1 reads 010 as 8 and 1:30 as 90; nobody writing a scenario means either.
 _SURPRISING_INT = re.compile(r"[-+]?0[0-7_]+|[-+]?[0-9][0-9_]*(:[0-5]?[0-9])+")
 
-_SLOTS = range(0x01, 0x1f)  # q35: 0x00 is the host bridge, 0x1f the ICH9 functions
 _MSIX_ENTRIES = range(2048)
 
 
@@ -371,6 +372,7 @@ class _Checker:
                                                  f"{self.line(f'vms[{first_vm[vm.name]}].name')})")
             first_vm[vm.name] = i
             self.check_devices(vm, path)
+            self.check_image(vm, path)
         vms = {vm.name: vm for vm in scenario.vms}
         for i, workload in enumerate(scenario.workloads):
             self.vm_named(vms, workload.vm, f"workloads[{i}].vm")
@@ -388,17 +390,19 @@ class _Checker:
                 raise self.error(f"{dev}.id", f"duplicate device id {device.id!r} in VM "
                                               f"{vm.name!r} (first at line {first})")
             ids[device.id] = j
+            slots_ok = platform_for(vm.arch).slots
             if device.addr is not None:
-                if device.addr not in _SLOTS:
+                if device.addr not in slots_ok:
                     raise self.error(f"{dev}.addr", f"slot {device.addr:#04x} is outside "
-                                                    f"{_SLOTS.start:#04x}..{_SLOTS.stop - 1:#04x}")
+                                                    f"{slots_ok.start:#04x}.."
+                                                    f"{slots_ok.stop - 1:#04x}")
                 if device.addr in slots:
                     other = vm.devices[slots[device.addr]]
                     raise self.error(f"{dev}.addr", f"slot {device.addr:#04x} is already used by "
                                                     f"{other.id!r} (line "
                                                     f"{self.line(f'{path}.devices[{slots[device.addr]}].addr')})")
                 slots[device.addr] = j
-            if isinstance(device, model.VirtioNet | model.E1000e) and device.ssh:
+            if device.ssh_nic():
                 ssh_nics.append(j)
         if len(ssh_nics) > 1:
             one, two = (vm.devices[j] for j in ssh_nics[:2])
@@ -409,6 +413,34 @@ class _Checker:
             raise self.error(f"{path}.devices",
                              f"VM {vm.name!r} has no NIC with ssh: true; the harness reaches "
                              f"every guest over SSH, so add one (e.g. kind: virtio-net)")
+
+    def check_image(self, vm: model.VM, path: str) -> None:
+        """The image can boot on the VM's architecture and has its devices' drivers."""
+        platform = platform_for(vm.arch)
+        image = vm.image
+        if isinstance(image, model.CloudImage):
+            if not platform.disk_boot:
+                raise self.error(f"{path}.image.kind", f"cloud images need firmware to boot "
+                                 f"from disk, which the harness does not set up for "
+                                 f"{platform.arch} guests; use kind: builtin or kernel")
+            return
+        wanted = tuple(dict.fromkeys(m for d in vm.devices for m in d.guest_modules))
+        explicit = image.recipe if isinstance(image, model.BuiltinImage) else None
+        try:
+            recipe = Recipe.load(explicit) if explicit else choose_recipe(platform, wanted)
+        except ImageError as exc:
+            key = f"{path}.image.recipe" if explicit else f"{path}.devices"
+            raise self.error(key, str(exc)) from exc
+        if isinstance(image, model.KernelImage):
+            return  # a user's kernel: its own modules tree says what it has, at run time
+        lacking = [m for m in wanted if not recipe.has_modules((m,))]
+        if lacking:
+            j, device = next((j, d) for j, d in enumerate(vm.devices)
+                             if set(d.guest_modules) & set(lacking))
+            raise self.error(f"{path}.devices[{j}].kind",
+                             f"{device.kind} needs the guest driver {', '.join(lacking)}, "
+                             f"which recipe {recipe.name} does not pack; leave image.recipe "
+                             f"out to have one chosen that does")
 
     def vm_named(self, vms: dict[str, model.VM], name: str, path: str) -> model.VM:
         if name not in vms:
@@ -436,7 +468,7 @@ class _Checker:
         if path_kind is model.DeliveryPath.NOT_DELIVERED:
             raise self.error(path, "not-delivered is a failure, never an expectation; "
                                    "expect the path the interrupts should take")
-        emulated = device.kind in model.EMULATED_KINDS
+        emulated = device.emulated
         if emulated and path_kind is not model.DeliveryPath.EMULATED:
             raise self.error(path, f"{device.kind} {device.id!r} is emulated by QEMU, so its "
                                    f"interrupts can only take the path 'emulated'")

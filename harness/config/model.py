@@ -13,23 +13,21 @@ import re
 from dataclasses import dataclass, field
 from typing import Literal
 
+from harness.config.devices import Device as Device
+from harness.config.devices import E1000e, VfioPci, VirtioBlk, VirtioNet
+from harness.config.fields import doc
+from harness.platform import Accel, Arch
+
+__all__ = ["VM", "Accel", "Arch", "BuiltinImage", "CloudImage", "DeliveryPath", "Device",
+           "E1000e", "Expectation", "Image", "KernelImage", "Scenario", "Timeouts", "VfioPci",
+           "VirtioBlk", "VirtioNet", "Workload", "doc", "entry_number"]
+
 _ENTRY = re.compile(r"[-+]?[0-9]+")  # ASCII digits only: "²".isdigit() is True
 
 
 def entry_number(vector: str) -> int | None:
     """An expectation's vector given as an MSI-X entry number, or None for a name pattern."""
     return int(vector) if _ENTRY.fullmatch(vector) else None
-
-
-def doc(text: str, **kwargs: object) -> dict[str, object]:
-    """Field metadata carrying the one-line documentation used by the schema."""
-    return {"doc": text, **kwargs}
-
-
-class Accel(enum.StrEnum):
-    AUTO = "auto"
-    KVM = "kvm"
-    TCG = "tcg"
 
 
 class DeliveryPath(enum.StrEnum):
@@ -43,75 +41,9 @@ class DeliveryPath(enum.StrEnum):
 
 
 # --- devices -------------------------------------------------------------------------------
-# A device is one of these classes, chosen by its ``kind`` key.  ``addr`` is the slot on the
-# root bus (pcie.0 on q35); when omitted the harness assigns slots from 0x03 upward in order,
-# so a device's PCI address, and with it every vector's identity, is known before boot.
-
-# QEMU's rule for ids (id_wellformed); anything else, a comma above all, breaks -device options.
-DEVICE_ID = r"^[A-Za-z][A-Za-z0-9._-]*$"
-# A /24 is all slirp's guest (.15) and gateway (.2) addresses need.
-NETWORK = r"^(25[0-5]|2[0-4][0-9]|1?[0-9]?[0-9])(\.(25[0-5]|2[0-4][0-9]|1?[0-9]?[0-9])){2}\.0/24$"
-
-
-@dataclass(frozen=True)
-class VirtioNet:
-    kind: Literal["virtio-net"]
-    id: str = field(metadata=doc("device id, unique in the VM; used by expectations",
-                                  pattern=DEVICE_ID))
-    addr: int | None = field(default=None, metadata=doc("PCI slot on the root bus"))
-    ssh: bool = field(default=True, metadata=doc(
-        "forward the guest's SSH port over this NIC (user-mode network, 127.0.0.1 only)"))
-    network: str = field(default="10.0.2.0/24", metadata=doc(
-        "the user-mode network's IPv4 subnet (the guest is .15, the gateway .2); change it "
-        "when a second NIC of the guest sits on another 10.0.2.0/24", pattern=NETWORK))
-
-
-@dataclass(frozen=True)
-class E1000e:
-    kind: Literal["e1000e"]
-    id: str = field(metadata=doc("device id, unique in the VM", pattern=DEVICE_ID))
-    addr: int | None = field(default=None, metadata=doc("PCI slot on the root bus"))
-    ssh: bool = field(default=False, metadata=doc("forward the guest's SSH port over this NIC"))
-    network: str = field(default="10.0.2.0/24", metadata=doc(
-        "the user-mode network's IPv4 subnet (the guest is .15, the gateway .2)",
-        pattern=NETWORK))
-
-
-@dataclass(frozen=True)
-class VirtioBlk:
-    kind: Literal["virtio-blk"]
-    id: str = field(metadata=doc("device id, unique in the VM", pattern=DEVICE_ID))
-    addr: int | None = field(default=None, metadata=doc("PCI slot on the root bus"))
-    size_mib: int = field(default=8, metadata=doc("size of the scratch disk (a sparse raw file)",
-                                                  minimum=1, maximum=65536))
-
-
-@dataclass(frozen=True)
-class IvshmemDoorbell:
-    kind: Literal["ivshmem-doorbell"]
-    id: str = field(metadata=doc("device id, unique in the VM", pattern=DEVICE_ID))
-    addr: int | None = field(default=None, metadata=doc("PCI slot on the root bus"))
-    vectors: int = field(default=2, metadata=doc("MSI-X vectors", minimum=1, maximum=64))
-    size_mib: int = field(default=1, metadata=doc("shared memory size", minimum=1,
-                                                  maximum=1024))
-
-
-@dataclass(frozen=True)
-class VfioPci:
-    kind: Literal["vfio-pci"]
-    id: str = field(metadata=doc("device id, unique in the VM", pattern=DEVICE_ID))
-    host: str = field(metadata=doc("host PCI address, e.g. 0000:00:05.0",
-                                   pattern=r"^[0-9a-fA-F]{4}:[0-9a-fA-F]{2}:[0-9a-fA-F]{2}\.[0-7]$"))
-    addr: int | None = field(default=None, metadata=doc("PCI slot on the guest's root bus"))
-    no_kvm_msix: bool = field(default=False, metadata=doc(
-        "x-no-kvm-msix=on: QEMU handles MSI-X in user space (no KVM irqfd)"))
-    no_kvm_msi: bool = field(default=False, metadata=doc("x-no-kvm-msi=on"))
-
-
-Device = VirtioNet | E1000e | VirtioBlk | IvshmemDoorbell | VfioPci
-
-EMULATED_KINDS = frozenset({"virtio-net", "e1000e", "virtio-blk", "ivshmem-doorbell"})
-
+# Each kind is one class in harness.config.devices (its keys, QEMU arguments, guest drivers).
+# ``addr`` is the slot on the root bus; when omitted the harness assigns slots in order, so a
+# device's PCI address, and with it every vector's identity, is known before boot.
 
 # --- images --------------------------------------------------------------------------------
 
@@ -121,8 +53,9 @@ class BuiltinImage:
     """The harness's own guest: a Debian kernel + busybox/dropbear/agent initramfs."""
 
     kind: Literal["builtin"]
-    recipe: str = field(default="debian-cloud", metadata=doc(
-        "recipe folder under guest-images/"))
+    recipe: str | None = field(default=None, metadata=doc(
+        "recipe folder under guest-images/; default: the architecture's cheapest recipe "
+        "whose kernel has every driver the VM's devices need"))
 
 
 @dataclass(frozen=True)
@@ -130,7 +63,8 @@ class KernelImage:
     """A user's own kernel booted with the harness's initramfs (agent + SSH)."""
 
     kind: Literal["kernel"]
-    kernel: str = field(metadata=doc("path to a bzImage/vmlinuz (relative to the scenario file)"))
+    kernel: str = field(metadata=doc("path to the kernel image in the architecture's boot "
+                                     "format (relative to the scenario file)"))
     modules: str | None = field(default=None, metadata=doc(
         "path to the kernel's /lib/modules/<version> tree; omit if virtio drivers are built in"))
 
@@ -154,7 +88,10 @@ Image = BuiltinImage | KernelImage | CloudImage
 @dataclass(frozen=True)
 class VM:
     name: str = field(metadata=doc("VM name, unique in the scenario", pattern=r"^[a-z][a-z0-9-]*$"))
-    machine: str = field(default="q35", metadata=doc("QEMU machine type"))
+    arch: Arch | None = field(default=None, metadata=doc(
+        "guest architecture; default: this host's (another one runs under TCG)"))
+    machine: str | None = field(default=None, metadata=doc(
+        "QEMU machine type; default: the architecture's (with its required options)"))
     accel: Accel = field(default=Accel.AUTO, metadata=doc(
         "auto boot-tests KVM (cached per host boot) and falls back to TCG; kvm uses it "
         "untested (an error if /dev/kvm cannot be opened); tcg never uses it"))
@@ -164,7 +101,8 @@ class VM:
     image: Image = field(default=BuiltinImage(kind="builtin"), metadata=doc("what to boot"))
     devices: tuple[Device, ...] = field(default=(), metadata=doc("PCI devices of the guest"))
     append: str = field(default="", metadata=doc("extra kernel command line"))
-    qemu: str = field(default="qemu-system-x86_64", metadata=doc("QEMU binary"))
+    qemu: str | None = field(default=None, metadata=doc(
+        "QEMU binary; default: the architecture's system emulator"))
     extra_args: tuple[str, ...] = field(default=(), metadata=doc(
         "extra QEMU arguments, appended as given (an argv list, never a shell string)"))
 

@@ -13,14 +13,16 @@ import json
 import logging
 import os
 import selectors
+import shutil
 import subprocess
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from harness.config.model import Accel
 from harness.errors import HostError
-from harness.qemu.machine import DIE_WITH_HARNESS
+from harness.platform import Accel, Platform, host_platform
+from harness.qemu.argv import die_with_harness, kvm_probe_argv
 
 log = logging.getLogger(__name__)
 
@@ -50,19 +52,18 @@ def kvm_device_problem(dev: Path = Path("/dev/kvm")) -> str | None:
     return None
 
 
-def probe_kvm(qemu: str, kernel: Path, timeout: float = PROBE_TIMEOUT_S) -> KvmProbe:
+def probe_kvm(platform: Platform, qemu: str | None, kernel: Path,
+              timeout: float = PROBE_TIMEOUT_S) -> KvmProbe:
     """Boot ``kernel`` under KVM with no initramfs; usable if it prints its banner in time."""
     problem = kvm_device_problem()
     if problem:
         return KvmProbe(False, problem, 0.0)
-    argv = [qemu, "-accel", "kvm", "-cpu", "host", "-machine", "q35", "-m", "256",
-            "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
-            "-serial", "stdio", "-kernel", str(kernel),
-            "-append", "console=ttyS0 earlyprintk=serial,ttyS0 panic=-1"]
+    argv = kvm_probe_argv(platform, qemu, kernel)
+    qemu = argv[0]
     started = time.monotonic()
     try:
         proc = subprocess.Popen(  # noqa: S603 - argv list, no shell
-            [*DIE_WITH_HARNESS, *argv], stdin=subprocess.DEVNULL,
+            die_with_harness(argv), stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, process_group=0)
     except OSError as exc:
         return KvmProbe(False, f"cannot run {qemu}: {exc.strerror}", 0.0)
@@ -104,16 +105,17 @@ def probe_kvm(qemu: str, kernel: Path, timeout: float = PROBE_TIMEOUT_S) -> KvmP
                     "(/dev/kvm exists but cannot run this guest)", seconds)
 
 
-def _cache_key(qemu: str, kernel: Path) -> str:
+def _cache_key(qemu: str | None, kernel: Path) -> str:
     boot_id = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
     digest = hashlib.sha256(boot_id.encode())
-    digest.update(qemu.encode())
+    digest.update((qemu or "").encode())
     stat = kernel.stat()
     digest.update(f"{kernel}:{stat.st_size}:{stat.st_mtime_ns}".encode())
     return digest.hexdigest()[:16]
 
 
-def cached_probe_kvm(qemu: str, kernel: Path, cache_dir: Path) -> KvmProbe:
+def cached_probe_kvm(platform: Platform, qemu: str | None, kernel: Path,
+                     cache_dir: Path) -> KvmProbe:
     path = cache_dir / "kvm-probe.json"
     key = _cache_key(qemu, kernel)
     try:
@@ -122,17 +124,25 @@ def cached_probe_kvm(qemu: str, kernel: Path, cache_dir: Path) -> KvmProbe:
             return KvmProbe(**cached["probe"])
     except (OSError, ValueError, KeyError, TypeError):
         pass
-    probe = probe_kvm(qemu, kernel)
+    probe = probe_kvm(platform, qemu, kernel)
     cache_dir.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({"key": key, "probe": asdict(probe)}))
     return probe
 
 
-def choose_accel(requested: Accel, qemu: str, kernel: Path | None,
+def choose_accel(requested: Accel, platform: Platform, qemu: str | None, kernel: Path | None,
                  cache_dir: Path) -> AccelDecision:
-    """Resolve ``auto`` by a boot test; refuse ``kvm`` where /dev/kvm cannot be opened."""
+    """Resolve ``auto`` by a boot test; refuse ``kvm`` where /dev/kvm cannot be opened or the
+    guest is of another architecture than the host."""
     if requested == Accel.TCG:
         return AccelDecision("tcg", "TCG requested by the scenario", False)
+    host = host_platform()
+    if platform is not host:
+        reason = (f"an {platform.arch} guest on an {host.arch} host runs under TCG "
+                  "(KVM runs only guests of the host's architecture)")
+        if requested == Accel.KVM:
+            raise HostError("accel kvm", reason)
+        return AccelDecision("tcg", reason, False)
     if requested == Accel.KVM:
         # Asked for by name: no boot test, only whether KVM can be opened at all; a guest
         # that then cannot boot fails its readiness wait with the console tail.
@@ -144,7 +154,35 @@ def choose_accel(requested: Accel, qemu: str, kernel: Path | None,
         problem = kvm_device_problem()
         probe = KvmProbe(problem is None, problem or "/dev/kvm is usable (not boot-tested)", 0)
     else:
-        probe = cached_probe_kvm(qemu, kernel, cache_dir)
+        probe = cached_probe_kvm(platform, qemu, kernel, cache_dir)
     if probe.usable:
         return AccelDecision("kvm", probe.reason, True)
     return AccelDecision("tcg", f"KVM not usable, falling back to TCG: {probe.reason}", False)
+
+
+def kvm_probe(kernel: Path | None = None, cache_dir: Path | None = None,
+              qemu: str | None = None) -> Callable[[], KvmProbe]:
+    """The live probe for this host's platform: boot ``kernel`` (default: the host's own
+    ``/boot/vmlinuz-<release>``) under KVM, cached in ``cache_dir`` when one is given."""
+    platform = host_platform()
+
+    def probe() -> KvmProbe:
+        problem = kvm_device_problem()
+        if problem:
+            return KvmProbe(False, problem, 0.0)
+        binary = qemu or platform.qemu
+        if shutil.which(binary) is None:
+            return KvmProbe(False, f"{binary} is not installed, so KVM cannot be boot-tested",
+                            0.0)
+        boot = kernel
+        if boot is None:
+            own = Path(f"/boot/vmlinuz-{os.uname().release}")
+            boot = own if own.is_file() else None
+        if boot is None:
+            return KvmProbe(True, "/dev/kvm is usable (not boot-tested: no guest kernel "
+                            "cached; run 'harness image build')", 0.0)
+        if cache_dir is None:
+            return probe_kvm(platform, binary, boot)
+        return cached_probe_kvm(platform, binary, boot, cache_dir)
+
+    return probe

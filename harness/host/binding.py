@@ -28,8 +28,9 @@ from types import TracebackType
 from typing import Protocol
 
 from harness.errors import HostError
-from harness.host.iommu import HostView, group_members
+from harness.host.iommu import group_members
 from harness.host.pci import read_pci_device
+from harness.host.view import HostView
 from harness.interrupts import normalize_bdf
 
 log = logging.getLogger(__name__)

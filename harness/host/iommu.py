@@ -12,272 +12,25 @@ from __future__ import annotations
 
 import enum
 import logging
-import os
-import platform
 import re
-import subprocess
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from functools import cached_property
 from pathlib import Path
-from typing import Generic, TypeVar
+from typing import TypeVar
 
-from harness.interrupts import InterruptSnapshot, InterruptsParseError, parse_proc_interrupts
+from harness.host.view import (
+    Evidence,
+    Fact,
+    HostView,
+    LogLine,
+    cmdline_params,
+    parse_module_bool,
+)
+from harness.platform import PostingModel
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
-
-#: A recorded tree stores what a command printed on the real host in a file at its root.
-#: Live (root ``/``) the command is run instead.
-COMMAND_FILES = {"dmesg": "dmesg.txt", "ip-addr": "ip-addr.json", "ip-route": "ip-route.json"}
-#: A recording that could not keep sysfs symlinks lists them here instead.
-SYMLINKS_FILE = "symlinks.txt"
-_LIVE_COMMANDS = {"dmesg": ["dmesg"],
-                  "ip-addr": ["ip", "-j", "addr", "show"],
-                  "ip-route": ["ip", "-j", "route", "show", "table", "all"]}
-_KERN_LOG_FALLBACK = "/var/log/kern.log"
-
-
-# --- evidence and the host's files ---------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Evidence:
-    """One thing read on the host and what it means for a conclusion."""
-
-    source: str  # "/proc/cmdline", "dmesg", "/sys/class/iommu/dmar0/intel-iommu/cap"
-    value: str  # the line or value as read; "(absent)" for a missing file
-    meaning: str
-
-    def __str__(self) -> str:
-        return f"{self.source}: {self.value} => {self.meaning}"
-
-    def to_dict(self) -> dict[str, str]:
-        return {"source": self.source, "value": self.value, "meaning": self.meaning}
-
-
-@dataclass(frozen=True)
-class Fact(Generic[T]):
-    """A conclusion and the evidence for it."""
-
-    value: T
-    evidence: tuple[Evidence, ...]
-
-
-@dataclass(frozen=True)
-class LogLine:
-    raw: str  # as printed, with its timestamp
-    message: str  # without timestamp / caller / syslog prefixes
-
-
-# "[    0.299491]", "[    T1]", "[Tue Aug 26 16:02:51 2025]", "[    0.299491][    T1]"
-_BRACKETS = re.compile(r"(?:\[[^\]]*\]\s*)+")
-# dmesg -x: "kern  :info  : "; syslog: "Nov 21 05:31:00 host kernel: " / ISO time.
-_FACILITY = re.compile(r"[a-z]+\s*:[a-z]+\s*:\s")
-_SYSLOG = re.compile(r"(?:[A-Za-z]{3}\s+\d+\s+[\d:]+|\d{4}-\d\d-\d\dT\S+)\s+\S+\s+kernel:\s")
-
-
-def _strip_log_prefix(raw: str) -> str:
-    text = raw
-    for pattern in (_FACILITY, _SYSLOG):
-        m = pattern.match(text)
-        if m:
-            text = text[m.end():]
-    m = _BRACKETS.match(text)
-    if m:
-        text = text[m.end():]
-    return text.rstrip()
-
-
-@dataclass(frozen=True)
-class KernelLog:
-    """The kernel log as far as it could be read; ``source`` says from where (or why not)."""
-
-    lines: tuple[LogLine, ...]
-    source: str  # "dmesg", "/var/log/kern.log", or "" when nothing was readable
-    problem: str | None = None
-
-    @classmethod
-    def from_text(cls, text: str, source: str) -> KernelLog:
-        lines = tuple(LogLine(raw, _strip_log_prefix(raw)) for raw in text.splitlines()
-                      if raw.strip())
-        return cls(lines, source)
-
-    def search(self, pattern: re.Pattern[str]) -> Iterator[tuple[LogLine, re.Match[str]]]:
-        for line in self.lines:
-            m = pattern.search(line.message)
-            if m:
-                yield line, m
-
-    def first(self, pattern: re.Pattern[str]) -> tuple[LogLine, re.Match[str]] | None:
-        return next(self.search(pattern), None)
-
-    @property
-    def has_boot(self) -> bool:
-        """The log reaches back to early boot, so an absent boot-time line means something."""
-        return any(ln.message.startswith(("Linux version", "Command line:",
-                                          "Kernel command line:")) for ln in self.lines)
-
-    def evidence(self, line: LogLine, meaning: str) -> Evidence:
-        return Evidence(self.source or "kernel log", line.raw.strip(), meaning)
-
-
-class HostView:
-    """The host's files read under ``root``, and the output of the few commands preflight needs.
-
-    ``root`` is ``/`` on a live host.  Any other root is a recorded tree that mirrors the real
-    paths; command output is then read from the files in :data:`COMMAND_FILES` at its root
-    (``dmesg.txt``, ``ip-addr.json``, ``ip-route.json``), and no command is ever run.
-    """
-
-    def __init__(self, root: Path = Path("/")) -> None:
-        self.root = Path(root)
-        self.live = self.root.resolve() == Path("/")
-        self._links = {} if self.live else self._recorded_links()
-
-    def _recorded_links(self) -> dict[str, str]:
-        """``symlinks.txt`` (``<host path> -> <target>`` per line): links a recording kept
-        as text instead of as symlinks."""
-        text = self.read_text(SYMLINKS_FILE)
-        links = {}
-        for line in (text or "").splitlines():
-            path, sep, target = line.partition(" -> ")
-            if sep:
-                links[path.strip().rstrip("/")] = target.strip()
-        return links
-
-    def __repr__(self) -> str:
-        return f"<HostView {self.root}{' (live)' if self.live else ''}>"
-
-    def path(self, host_path: str) -> Path:
-        return self.root / host_path.lstrip("/")
-
-    def read_text(self, host_path: str) -> str | None:
-        try:
-            return self.path(host_path).read_text(errors="replace")
-        except OSError:
-            return None
-
-    def read_value(self, host_path: str) -> str | None:
-        text = self.read_text(host_path)
-        return None if text is None else text.strip()
-
-    def read_bytes(self, host_path: str) -> bytes | None:
-        try:
-            return self.path(host_path).read_bytes()
-        except OSError:
-            return None
-
-    def listdir(self, host_path: str) -> tuple[str, ...]:
-        try:
-            names = set(os.listdir(self.path(host_path)))
-        except OSError:
-            names = set()
-        prefix = host_path.rstrip("/") + "/"
-        names.update(p[len(prefix):] for p in self._links
-                     if p.startswith(prefix) and "/" not in p[len(prefix):])
-        return tuple(sorted(names))
-
-    def exists(self, host_path: str) -> bool:
-        return os.path.lexists(self.path(host_path)) or host_path.rstrip("/") in self._links
-
-    def link_name(self, host_path: str) -> str | None:
-        """The last component of a symlink's target (``driver`` -> ``"e1000e"``)."""
-        try:
-            return os.path.basename(os.readlink(self.path(host_path)))
-        except OSError:
-            target = self._links.get(host_path.rstrip("/"))
-            return os.path.basename(target) if target else None
-
-    def realpath(self, host_path: str) -> str:
-        """A path resolved inside the tree (symlinks in a fixture are relative, as in sysfs)."""
-        return os.path.realpath(self.path(host_path))
-
-    def command_output(self, name: str) -> tuple[str | None, str]:
-        """(text, source) of one of :data:`COMMAND_FILES`; text is None if unavailable."""
-        if not self.live:
-            filename = COMMAND_FILES[name]
-            text = self.read_text(filename)
-            return text, filename
-        argv = _LIVE_COMMANDS[name]
-        try:
-            done = subprocess.run(argv, capture_output=True, text=True, timeout=20,  # noqa: S603
-                                  check=False, errors="replace")
-        except (OSError, subprocess.TimeoutExpired) as exc:
-            log.debug("%s failed: %s", argv, exc)
-            return None, " ".join(argv)
-        if done.returncode != 0:
-            log.debug("%s exited %d: %s", argv, done.returncode, done.stderr.strip())
-            return None, " ".join(argv)
-        return done.stdout, " ".join(argv)
-
-    @cached_property
-    def kernel_log(self) -> KernelLog:
-        text, source = self.command_output("dmesg")
-        if text is not None and text.strip():
-            return KernelLog.from_text(text, "dmesg")
-        if self.live:
-            fallback = self.read_text(_KERN_LOG_FALLBACK)
-            if fallback:
-                return KernelLog.from_text(fallback, _KERN_LOG_FALLBACK)
-            return KernelLog((), "", f"cannot read the kernel log ({source} failed, "
-                                     f"{_KERN_LOG_FALLBACK} unreadable)")
-        return KernelLog((), "", f"the recorded tree has no {COMMAND_FILES['dmesg']}")
-
-    @cached_property
-    def cmdline(self) -> str | None:
-        return self.read_value("/proc/cmdline")
-
-    @cached_property
-    def interrupts(self) -> InterruptSnapshot | None:
-        text = self.read_text("/proc/interrupts")
-        if text is None:
-            return None
-        try:
-            return parse_proc_interrupts(text, source="/proc/interrupts")
-        except InterruptsParseError as exc:
-            log.warning("cannot parse %s: %s", self.path("/proc/interrupts"), exc)
-            return None
-
-    @cached_property
-    def arch(self) -> str:
-        """``x86_64``, ``aarch64`` or ``unknown``: live from uname, recorded from the log."""
-        if self.live:
-            return platform.machine() or "unknown"
-        kernel_log = self.kernel_log
-        x86 = re.compile(r"^(?:x86/|DMAR|AMD-Vi|smpboot: CPU0: (?:Intel|AMD)|x2apic)")
-        arm = re.compile(r"^(?:Booting Linux on physical CPU|GICv3:|ITS[ @]"
-                         r"|kvm \[\d+\]: (?:GIC|VHE|Hyp|nVHE|IPA))")
-        if kernel_log.first(x86):
-            return "x86_64"
-        if kernel_log.first(arm):
-            return "aarch64"
-        return "unknown"
-
-
-def cmdline_params(cmdline: str | None) -> dict[str, list[str]]:
-    """``key=value`` words of the kernel command line, up to ``--`` (init's arguments)."""
-    params: dict[str, list[str]] = {}
-    for word in (cmdline or "").split():
-        if word == "--":
-            break
-        key, _, value = word.partition("=")
-        params.setdefault(key, []).append(value)
-    return params
-
-
-def parse_module_bool(value: str | None) -> bool | None:
-    """A bool or int module parameter as sysfs prints it (``Y``/``N``, ``1``/``0``)."""
-    if value is None:
-        return None
-    text = value.strip()
-    if text in ("Y", "y", "1"):
-        return True
-    if text in ("N", "n", "0"):
-        return False
-    return None
-
 
 # --- the report ----------------------------------------------------------------------------
 
@@ -561,7 +314,7 @@ def _remapping_facts(vendor: IommuVendor,
     kernel_log = view.kernel_log
     ir_row, plain_row, its_row = _interrupt_rows(view)
     intremap = cmdline_params(view.cmdline).get("intremap", [])
-    if view.arch == "aarch64" or vendor == IommuVendor.ARM_SMMU:
+    if _gic_posting(view) or vendor == IommuVendor.ARM_SMMU:
         hit = kernel_log.first(_ITS)
         ev = [kernel_log.evidence(hit[0], "the GIC has an ITS: MSIs are translated per device")
               ] if hit else []
@@ -866,9 +619,14 @@ def _imply_from_device_posted(checks: list[Check]) -> list[Check]:
     return out
 
 
+def _gic_posting(view: HostView) -> bool:
+    """MSIs go through a GIC ITS and post as vLPIs (not through an IOMMU's IRTEs)."""
+    return view.platform is not None and view.platform.posting_model is PostingModel.VLPI
+
+
 def _posting(vendor: IommuVendor, view: HostView, units: tuple[IommuUnit, ...],
              remapping: Fact[bool | None]) -> Posting:
-    if view.arch == "aarch64":
+    if _gic_posting(view):
         return _decide(_arm_checks(view, remapping))
     if vendor == IommuVendor.INTEL:
         return _decide(_imply_from_device_posted(_intel_checks(view, units, remapping)))

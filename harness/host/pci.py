@@ -14,7 +14,8 @@ from dataclasses import dataclass
 from typing import Literal
 
 from harness.errors import HostError
-from harness.host.iommu import Evidence, HostView, group_members
+from harness.host.iommu import group_members
+from harness.host.view import Evidence, HostView
 from harness.interrupts import normalize_bdf
 
 log = logging.getLogger(__name__)

@@ -12,25 +12,20 @@ from __future__ import annotations
 import enum
 import json
 import logging
-import os
-import platform
-import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from harness.errors import HostError
-from harness.host.accel import KvmProbe, cached_probe_kvm, kvm_device_problem
+from harness.host.accel import KvmProbe, kvm_device_problem, kvm_probe
 from harness.host.iommu import (
     Check,
-    Evidence,
-    HostView,
     IommuReport,
     PostingVerdict,
     probe_iommu,
 )
 from harness.host.pci import PciDevice, check_assignable
-from harness.images.builder import cache_root
+from harness.host.view import Evidence, HostView
 from harness.interrupts import normalize_bdf
 
 log = logging.getLogger(__name__)
@@ -110,39 +105,6 @@ class PreflightReport:
 # --- accelerator ---------------------------------------------------------------------------
 
 
-def _find_kernel() -> Path | None:
-    """A kernel to boot for the probe: the newest cached guest image's, else the host's."""
-    images = sorted((cache_root() / "images").glob("*/manifest.json"),
-                    key=lambda p: p.stat().st_mtime, reverse=True)
-    for manifest in images:
-        kernel = manifest.parent / "vmlinuz"
-        if kernel.is_file():
-            return kernel
-    host = Path(f"/boot/vmlinuz-{os.uname().release}")
-    return host if host.is_file() else None
-
-
-def default_kvm_probe(qemu: str | None = None, kernel: Path | None = None) -> AccelProbe:
-    """The real probe: boot a kernel under ``-accel kvm -cpu host`` (cached per boot)."""
-
-    def probe() -> KvmProbe:
-        problem = kvm_device_problem()
-        if problem:
-            return KvmProbe(False, problem, 0.0)
-        binary = qemu or ("qemu-system-aarch64" if platform.machine() == "aarch64"
-                          else "qemu-system-x86_64")
-        if shutil.which(binary) is None:
-            return KvmProbe(False, f"{binary} is not installed, so KVM cannot be boot-tested",
-                            0.0)
-        boot = kernel or _find_kernel()
-        if boot is None:
-            return KvmProbe(True, "/dev/kvm is usable (not boot-tested: no guest kernel "
-                            "cached; run 'harness image build')", 0.0)
-        return cached_probe_kvm(binary, boot, cache_root())
-
-    return probe
-
-
 def _accel(view: HostView, accel_probe: AccelProbe | None) -> AccelReport:
     evidence: list[Evidence] = []
     loaded = [m for m in _KVM_MODULES if view.exists(f"/sys/module/{m}")]
@@ -151,8 +113,10 @@ def _accel(view: HostView, accel_probe: AccelProbe | None) -> AccelReport:
                    "kvm_pvm": "PVM: KVM for a host that is itself a guest (no VMX/SVM "
                               "for guests; no device posting)"}[module]
         evidence.append(Evidence(f"/sys/module/{module}", "(loaded)", meaning))
-    if view.arch == "x86_64" and not {"kvm_intel", "kvm_amd"} & set(loaded):
-        evidence.append(Evidence("/sys/module/kvm_intel, /sys/module/kvm_amd", "(absent)",
+    vendor_modules = view.platform.kvm_vendor_modules if view.platform else ()
+    if vendor_modules and not set(vendor_modules) & set(loaded):
+        evidence.append(Evidence(", ".join(f"/sys/module/{m}" for m in vendor_modules),
+                                 "(absent)",
                                  "no VMX/SVM KVM module is loaded: no APICv/AVIC, no posting"))
     if view.live:
         problem = kvm_device_problem()
@@ -166,7 +130,7 @@ def _accel(view: HostView, accel_probe: AccelProbe | None) -> AccelReport:
             hypervisor, "this host is itself a virtual machine: KVM here is nested"))
     if accel_probe is None:
         if view.live:
-            accel_probe = default_kvm_probe()
+            accel_probe = kvm_probe()
         else:
             return AccelReport("unknown", None, "a recorded host: the KVM probe boots a guest "
                                "and only runs on the live host", tuple(evidence))
@@ -219,8 +183,9 @@ def preflight(root: Path = Path("/"), devices: Sequence[str] = (),
               accel_probe: AccelProbe | None = None) -> PreflightReport:
     """Everything preflight knows about the host under ``root`` and the given devices.
 
-    ``accel_probe`` defaults to :func:`default_kvm_probe` on a live host and to no probe on
-    a recorded tree (the accelerator is then reported as not probed).
+    ``accel_probe`` defaults to :func:`~harness.host.accel.kvm_probe` (booting the host's own
+    kernel) on a live host and to no probe on a recorded tree (the accelerator is then
+    reported as not probed); the command line passes one that boots the cached guest kernel.
     """
     view = HostView(root)
     iommu = probe_iommu(view=view)

@@ -17,7 +17,6 @@ import os
 import re
 import shutil
 import stat
-import struct
 import subprocess
 import tempfile
 import time
@@ -27,17 +26,18 @@ from pathlib import Path
 
 from harness.errors import ImageError
 from harness.images.cpio import Entry, write_newc
+from harness.platform import Platform
 
 log = logging.getLogger(__name__)
 
 # Bump when the way an image is assembled changes, so old cache entries are not reused.
-BUILDER_VERSION = "1"
+BUILDER_VERSION = "3"
 
 Progress = Callable[[str], None]
 
 # Parts of library packages a guest never needs (docs, locales, iconv modules).
-_SKIP_PREFIXES = ("usr/share/", "usr/lib/x86_64-linux-gnu/gconv/", "usr/libexec/", "etc/",
-                  "usr/bin/", "sbin/", "usr/sbin/", "bin/", "usr/lib/x86_64-linux-gnu/audit/")
+_SKIP_PREFIXES = ("usr/share/", "usr/libexec/", "etc/", "usr/bin/", "sbin/", "usr/sbin/", "bin/")
+_SKIP_LIBDIRS = ("gconv/", "audit/")  # under usr/lib/<multiarch>/
 # ... except the programs the guest runs.
 _KEEP_PROGRAMS = ("bin/busybox", "usr/sbin/dropbear", "usr/bin/dropbearkey")
 _VERSIONED_KERNEL = re.compile(r"^linux-image-\d")
@@ -92,6 +92,11 @@ class Recipe:
     requests: tuple[tuple[str, str], ...]  # (role, package name) as written
     modules: tuple[str, ...]
 
+    def has_modules(self, wanted: tuple[str, ...]) -> bool:
+        """The recipe packs every wanted driver (built in or as a module)."""
+        have = {m.replace("-", "_") for m in self.modules}
+        return all(m.replace("-", "_") in have for m in wanted)
+
     @staticmethod
     def load(name: str) -> Recipe:
         folder = guest_images_dir() / name
@@ -140,10 +145,11 @@ def _run(argv: list[str], what: str, cwd: Path | None = None) -> str:
     return done.stdout
 
 
-def _apt_show(names: list[str]) -> dict[str, dict[str, str]]:
-    """The candidate version's fields of each package, in one apt-cache call."""
-    text = _run(["apt-cache", "show", "--no-all-versions", *names],
-                f"resolving packages {' '.join(names)}")
+def _apt_show(names: list[str], arch: str) -> dict[str, dict[str, str]]:
+    """The candidate version's fields of each package of Debian architecture ``arch``, in one
+    apt-cache call."""
+    text = _run(["apt-cache", "show", "--no-all-versions", *(f"{n}:{arch}" for n in names)],
+                f"resolving {arch} packages {' '.join(names)}")
     found: dict[str, dict[str, str]] = {}
     for stanza in text.split("\n\n"):
         fields: dict[str, str] = {}
@@ -155,15 +161,18 @@ def _apt_show(names: list[str]) -> dict[str, dict[str, str]]:
             found.setdefault(fields["Package"], fields)
     missing = [n for n in names if n not in found]
     if missing:
-        raise ImageError(f"resolving packages: apt-cache knows no {', '.join(missing)} "
-                         "(run 'apt-get update')")
+        raise ImageError(f"resolving packages: apt-cache knows no {arch} package "
+                         f"{', '.join(missing)} (run ci/setup: it adds the architecture and "
+                         "updates the package lists)")
     return found
 
 
-def resolve(recipe: Recipe, with_kernel: bool = True) -> tuple[PackageRef, ...]:
+def resolve(recipe: Recipe, platform: Platform,
+            with_kernel: bool = True) -> tuple[PackageRef, ...]:
     """Pin every requested package to the archive's current version and SHA256."""
     requests = [(r, n) for r, n in recipe.requests if with_kernel or r != "kernel"]
-    shown = _apt_show([name for _, name in requests])
+    arch = platform.package_arch
+    shown = _apt_show([name for _, name in requests], arch)
     refs = []
     for role, name in requests:
         fields = shown[name]
@@ -173,41 +182,27 @@ def resolve(recipe: Recipe, with_kernel: bool = True) -> tuple[PackageRef, ...]:
                          if d.strip().startswith("linux-image-")), None)
             if real is None:
                 raise ImageError(f"kernel package {name}: depends on no linux-image-*")
-            name, fields = real, _apt_show([real])[real]
+            name, fields = real, _apt_show([real], arch)[real]
         refs.append(PackageRef(role, name, fields["Version"], fields.get("SHA256", "")))
     return tuple(refs)
 
 
 @dataclass(frozen=True)
 class UserKernel:
-    """A user's own kernel (bzImage) and, optionally, its /lib/modules/<release> tree."""
+    """A user's own kernel (in its platform's boot format) and, optionally, its
+    /lib/modules/<release> tree."""
 
     kernel: Path
+    platform: Platform
     modules: Path | None = None
 
     def release(self) -> str:
-        return bzimage_release(self.kernel)
+        return self.platform.kernel_release(self.kernel)
 
     def module_files(self, wanted: tuple[str, ...]) -> list[Path]:
         if self.modules is None:
             return []
         return [self.modules / rel for rel in _module_closure(self.modules, wanted, None)]
-
-
-def bzimage_release(path: Path) -> str:
-    """The kernel release string from an x86 bzImage's setup header (kernel_version field)."""
-    try:
-        with open(path, "rb") as fh:
-            head = fh.read(0x8000)
-    except OSError as exc:
-        raise ImageError(f"{path}: cannot read the kernel: {exc.strerror}") from exc
-    if len(head) < 0x210 or head[0x202:0x206] != b"HdrS":
-        raise ImageError(f"{path}: not an x86 bzImage (no 'HdrS' setup header)")
-    offset = struct.unpack_from("<H", head, 0x20E)[0] + 0x200
-    text = head[offset:offset + 256].split(b"\0")[0].decode(errors="replace")
-    if not text:
-        raise ImageError(f"{path}: the bzImage carries no version string")
-    return text.split()[0]
 
 
 def image_key(recipe: Recipe, packages: tuple[PackageRef, ...],
@@ -226,7 +221,19 @@ def image_key(recipe: Recipe, packages: tuple[PackageRef, ...],
     return digest.hexdigest()[:20]
 
 
-def ensure_image(recipe_name: str = "debian-cloud", progress: Progress = _no_progress,
+def choose_recipe(platform: Platform, modules: tuple[str, ...]) -> Recipe:
+    """The platform's cheapest recipe whose kernel has every driver in ``modules``."""
+    recipes = [Recipe.load(name) for name in platform.recipes]
+    for recipe in recipes:
+        if recipe.has_modules(modules):
+            return recipe
+    have = {m.replace("-", "_") for r in recipes for m in r.modules}
+    lacking = sorted({m for m in modules if m.replace("-", "_") not in have})
+    raise ImageError(f"no {platform.arch} image recipe ({', '.join(platform.recipes)}) has "
+                     f"the guest driver(s) {', '.join(lacking)}")
+
+
+def ensure_image(recipe_name: str, platform: Platform, progress: Progress = _no_progress,
                  cache: Path | None = None, user_kernel: UserKernel | None = None) -> GuestImage:
     """Return the cached image for the recipe's current inputs, building it if needed.
 
@@ -244,7 +251,7 @@ def ensure_image(recipe_name: str = "debian-cloud", progress: Progress = _no_pro
             raise ImageError(f"modules tree {user_kernel.modules} is for release "
                              f"{user_kernel.modules.name}, but the kernel "
                              f"{user_kernel.kernel} is {release}")
-    packages = resolve(recipe, with_kernel=user_kernel is None)
+    packages = resolve(recipe, platform, with_kernel=user_kernel is None)
     key = image_key(recipe, packages, user_kernel)
     prefix = recipe_name if user_kernel is None else f"{recipe_name}-userkernel"
     folder = (cache or cache_root()) / "images" / f"{prefix}-{key}"
@@ -260,7 +267,7 @@ def ensure_image(recipe_name: str = "debian-cloud", progress: Progress = _no_pro
         with tempfile.TemporaryDirectory(prefix=".build-", dir=folder.parent) as tmp:
             staging = Path(tmp) / "image"
             staging.mkdir()
-            _build(recipe, packages, key, Path(tmp), staging, progress, user_kernel)
+            _build(recipe, platform, packages, key, Path(tmp), staging, progress, user_kernel)
             os.rename(staging, folder)  # atomic: a cache entry is complete or absent
         progress(f"image {recipe_name}: built in {time.monotonic() - started:.1f} s ({folder})")
         return _from_manifest(manifest)
@@ -286,6 +293,21 @@ def _pinned(recipe_name: str) -> Path | None:
     return Path(folder)
 
 
+def cached_kernel(platform: Platform, cache: Path | None = None) -> Path | None:
+    """The kernel of the newest cached builtin image of ``platform``, if one is cached."""
+    manifests = sorted(((cache or cache_root()) / "images").glob("*/manifest.json"),
+                       key=lambda p: p.stat().st_mtime, reverse=True)
+    for manifest in manifests:
+        try:
+            data = json.loads(manifest.read_text())
+        except (OSError, ValueError):
+            continue
+        if (data.get("arch") == platform.arch.value and data.get("recipe") in platform.recipes
+                and (manifest.parent / "vmlinuz").is_file()):
+            return manifest.parent / "vmlinuz"
+    return None
+
+
 def _from_manifest(path: Path) -> GuestImage:
     data = json.loads(path.read_text())
     return GuestImage(key=data["key"], recipe=data["recipe"], kernel=path.parent / "vmlinuz",
@@ -293,13 +315,15 @@ def _from_manifest(path: Path) -> GuestImage:
                       packages=tuple(PackageRef(**p) for p in data["packages"]))
 
 
-def _build(recipe: Recipe, packages: tuple[PackageRef, ...], key: str, tmp: Path,
-           out: Path, progress: Progress, user_kernel: UserKernel | None) -> None:
+def _build(recipe: Recipe, platform: Platform, packages: tuple[PackageRef, ...], key: str,
+           tmp: Path, out: Path, progress: Progress, user_kernel: UserKernel | None) -> None:
     debs = tmp / "debs"
     debs.mkdir()
-    progress(f"  downloading {', '.join(p.name for p in packages)}")
+    arch = platform.package_arch
+    progress(f"  downloading {', '.join(p.name for p in packages)} ({arch})")
     _run(["apt-get", "download", "-q", "-o", "APT::Sandbox::User=root",
-          *(f"{p.name}={p.version}" for p in packages)], "downloading packages", cwd=debs)
+          *(f"{p.name}:{arch}={p.version}" for p in packages)], "downloading packages",
+         cwd=debs)
     trees: dict[str, Path] = {}
     for ref in packages:
         (deb,) = debs.glob(f"{ref.name}_*.deb")
@@ -320,23 +344,25 @@ def _build(recipe: Recipe, packages: tuple[PackageRef, ...], key: str, tmp: Path
     else:
         vmlinuz, moddir = user_kernel.kernel, user_kernel.modules
         release = user_kernel.release()
-    entries = _base_entries(trees, recipe.folder)
+    entries = _base_entries(trees, recipe.folder, platform)
     entries += _module_entries(moddir, release, recipe.modules, progress)
     progress(f"  writing initramfs ({len(entries)} entries)")
     with open(out / "initrd.cpio", "wb") as fh:
         write_newc(fh, entries)
     shutil.copyfile(vmlinuz, out / "vmlinuz")
-    manifest = {"key": key, "recipe": recipe.name, "kernel_release": release,
+    manifest = {"key": key, "recipe": recipe.name, "arch": platform.arch.value,
+                "kernel_release": release,
                 "builder": BUILDER_VERSION, "packages": [dataclasses.asdict(p) for p in packages],
                 "user_kernel": str(user_kernel.kernel) if user_kernel else None}
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
 
 
-def _tree_entries(tree: Path) -> list[Entry]:
+def _tree_entries(tree: Path, platform: Platform) -> list[Entry]:
     entries = []
+    skip = _SKIP_PREFIXES + tuple(f"usr/lib/{platform.multiarch}/{d}" for d in _SKIP_LIBDIRS)
     for path in sorted(tree.rglob("*")):
         rel = path.relative_to(tree).as_posix()
-        if rel.startswith(_SKIP_PREFIXES) and rel not in _KEEP_PROGRAMS:
+        if rel.startswith(skip) and rel not in _KEEP_PROGRAMS:
             continue
         info = path.lstat()
         if stat.S_ISLNK(info.st_mode):
@@ -346,10 +372,13 @@ def _tree_entries(tree: Path) -> list[Entry]:
     return entries
 
 
-def _base_entries(trees: dict[str, Path], recipe_folder: Path) -> list[Entry]:
-    """busybox and its applets, the recipe's libraries and programs, /init, /etc, the agent.
+def _base_entries(trees: dict[str, Path], recipe_folder: Path,
+                  platform: Platform) -> list[Entry]:
+    """busybox, the recipe's libraries and programs, /init, /etc, the agent.
 
-    A recipe with its own ``init`` file uses it instead of the shared guest init.
+    A recipe with its own ``init`` file uses it instead of the shared guest init.  The busybox
+    applet links are made by /init itself (``busybox --install -s``): the binary may be of
+    another architecture than this host, so it is never run here.
     """
     shared = guest_images_dir()
     init = recipe_folder / "init"
@@ -361,13 +390,8 @@ def _base_entries(trees: dict[str, Path], recipe_folder: Path) -> list[Entry]:
     entries.append(Entry.char_device("dev/console", 5, 1))
     entries.append(Entry.char_device("dev/null", 1, 3, 0o666))
     for tree in trees.values():
-        entries += _tree_entries(tree)
-    busybox = trees["busybox-static"] / "bin" / "busybox"
+        entries += _tree_entries(tree, platform)
     taken = {e.path for e in entries}
-    for applet in _run([str(busybox), "--list-full"], "listing busybox applets").split():
-        if applet not in taken and applet != "linuxrc":
-            entries.append(Entry.symlink(applet, "/bin/busybox"))
-            taken.add(applet)
     entries.append(Entry.file("init", init.read_bytes(), 0o755))
     for name in ("inittab", "passwd", "shells"):
         entries.append(Entry.file(f"etc/{name}", (shared / "initramfs" / name).read_bytes()))

@@ -16,13 +16,16 @@ from pathlib import Path
 from harness.errors import HostError, ImageError
 from harness.images.builder import guest_images_dir
 
-# Console markers, the same lines the builtin guest's /init prints.
-_MARKERS = {
-    "start": 'echo "harness-init: start $(cut -d" " -f1 /proc/uptime)" > /dev/ttyS0',
-    "ready": ('k=$(cut -d" " -f1,2 /etc/ssh/ssh_host_ed25519_key.pub); '
-              'echo "harness-hostkey: $k" > /dev/ttyS0; '
-              'echo "harness-init: ready $(cut -d" " -f1 /proc/uptime)" > /dev/ttyS0'),
-}
+
+def _markers(console: str) -> dict[str, str]:
+    """Console markers, the same lines the builtin guest's /init prints, on ``/dev/<console>``."""
+    tty = f"/dev/{console}"
+    return {
+        "start": f'echo "harness-init: start $(cut -d" " -f1 /proc/uptime)" > {tty}',
+        "ready": ('k=$(cut -d" " -f1,2 /etc/ssh/ssh_host_ed25519_key.pub); '
+                  f'echo "harness-hostkey: $k" > {tty}; '
+                  f'echo "harness-init: ready $(cut -d" " -f1 /proc/uptime)" > {tty}'),
+    }
 
 
 def _tool(name: str, package: str) -> str:
@@ -32,9 +35,10 @@ def _tool(name: str, package: str) -> str:
     return path
 
 
-def user_data(public_key_line: str, user: str) -> str:
+def user_data(public_key_line: str, user: str, console: str) -> str:
     """The #cloud-config document (JSON is valid YAML, and needs no YAML writer)."""
     agent = (guest_images_dir() / "agent" / "harness-agent").read_bytes()
+    markers = _markers(console)
     config = {
         "disable_root": user != "root",
         "users": [{"name": user, "ssh_authorized_keys": [public_key_line],
@@ -43,18 +47,18 @@ def user_data(public_key_line: str, user: str) -> str:
         "ssh_pwauth": False,
         "write_files": [{"path": "/usr/local/bin/harness-agent", "permissions": "0755",
                          "encoding": "b64", "content": base64.b64encode(agent).decode()}],
-        "bootcmd": [["sh", "-c", _MARKERS["start"]]],
-        "runcmd": [["sh", "-c", _MARKERS["ready"]]],
+        "bootcmd": [["sh", "-c", markers["start"]]],
+        "runcmd": [["sh", "-c", markers["ready"]]],
     }
     return "#cloud-config\n" + json.dumps(config, indent=1) + "\n"
 
 
-def make_seed(folder: Path, name: str, public_key_line: str, user: str) -> Path:
+def make_seed(folder: Path, name: str, public_key_line: str, user: str, console: str) -> Path:
     """A NoCloud seed ISO (volume label "cidata") in ``folder``."""
     genisoimage = _tool("genisoimage", "genisoimage")
     src = folder / f"{name}.seed"
     src.mkdir(exist_ok=True)
-    (src / "user-data").write_text(user_data(public_key_line, user))
+    (src / "user-data").write_text(user_data(public_key_line, user, console))
     (src / "meta-data").write_text(f"instance-id: harness-{name}\nlocal-hostname: {name}\n")
     iso = folder / f"{name}.seed.iso"
     done = subprocess.run([genisoimage, "-quiet", "-output", str(iso), "-volid", "cidata",

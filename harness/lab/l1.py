@@ -17,8 +17,9 @@ from pathlib import Path
 
 from harness.errors import GuestError, HarnessError, LaunchError
 from harness.images.builder import GuestImage, ensure_image, repo_root
-from harness.qemu.argv import channel_args, device_mac
-from harness.qemu.machine import DIE_WITH_HARNESS, Machine
+from harness.platform import Platform, host_platform
+from harness.qemu.argv import LabShare, channel_args, die_with_harness, lab_host_argv
+from harness.qemu.machine import Machine
 
 Progress = Callable[[str], None]
 
@@ -31,31 +32,14 @@ L1_CPUS = 2
 BOOT_TIMEOUT_S = 120.0
 
 
-def l1_argv(image: GuestImage, share: Path, qemu: str = "qemu-system-x86_64",
+def l1_argv(image: GuestImage, share: Path, platform: Platform,
             memory_mib: int = L1_MEMORY_MIB, cpus: int = L1_CPUS) -> list[str]:
-    """L0's command line for L1 without its console/QMP channels (the caller adds those).
-
-    SVM on the vCPU model gives L1 a KVM (kvm_amd, nested under TCG); kernel-irqchip=split is
-    what QEMU's intel-iommu needs for interrupt remapping; the assigned device sets
-    iommu_platform/ats so its DMA and MSIs go through the emulated VT-d.
-    """
-    return [
-        qemu, "-name", "lab-l1", "-machine", "q35,accel=tcg,kernel-irqchip=split",
-        "-cpu", "qemu64,+svm,+npt", "-smp", str(cpus), "-m", f"{memory_mib}M",
-        "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
-        # The IOMMU first: devices created before it would bypass it.
-        "-device", "intel-iommu,intremap=on,device-iotlb=on",
-        "-kernel", str(image.kernel), "-initrd", str(image.initrd),
-        "-append", "console=ttyS0 intel_iommu=on panic=-1 loglevel=4",
-        "-fsdev", "local,id=hostroot,path=/,security_model=none,readonly=on,multidevs=remap",
-        "-device", "virtio-9p-pci,fsdev=hostroot,mount_tag=hostroot,addr=0x3",
-        "-fsdev", f"local,id=lab,path={share},security_model=none,multidevs=remap",
-        "-device", "virtio-9p-pci,fsdev=lab,mount_tag=lab,addr=0x4",
-        "-netdev", "user,id=labnet",
-        "-device", f"virtio-net-pci,netdev=labnet,mac={device_mac('lab', LAB_DEVICE_SLOT)},"
-                   f"iommu_platform=on,disable-legacy=on,ats=on,romfile=,"
-                   f"addr={LAB_DEVICE_SLOT:#04x}",
-    ]
+    """L0's command line for L1 without its console/QMP channels (the caller adds those):
+    the host's root read-only at ``hostroot``, the run folder at ``lab``."""
+    shares = [LabShare("hostroot", Path("/"), readonly=True, slot=0x03),
+              LabShare("lab", share, readonly=False, slot=0x04)]
+    return lab_host_argv(platform, image.kernel, image.initrd, shares, LAB_DEVICE_SLOT,
+                         memory_mib, cpus)
 
 
 _JOB_HEAD = """#!/bin/sh
@@ -104,11 +88,13 @@ class LabRun:
         return sum(s for _, s in self.phases)
 
 
-def prepare(progress: Progress, share: Path) -> GuestImage:
-    """The L1 image, and the builtin guest image L1's harness will boot as L2, pinned for it."""
-    image = ensure_image("lab-host", progress=progress)
-    guest = ensure_image("debian-cloud", progress=progress)  # where L1 (sharing /) finds it
-    (share / "images.json").write_text(json.dumps({"debian-cloud": str(guest.folder)}) + "\n")
+def prepare(progress: Progress, share: Path, platform: Platform) -> GuestImage:
+    """The L1 image, and the builtin guest images L1's harness will boot as L2, pinned for it
+    (L1 shares this machine's root, so it finds them at the same paths)."""
+    image = ensure_image(platform.lab.recipe, platform, progress=progress)
+    guests = {name: str(ensure_image(name, platform, progress=progress).folder)
+              for name in platform.recipes[:1]}
+    (share / "images.json").write_text(json.dumps(guests) + "\n")
     return image
 
 
@@ -118,16 +104,17 @@ def run_in_lab(argv: list[str], run_dir: Path, progress: Progress,
     run_dir.mkdir(parents=True, exist_ok=True)
     result = LabRun(run_dir)
     started = time.monotonic()
-    image = prepare(progress, run_dir)
+    platform = host_platform()  # L1 runs this machine's own root filesystem
+    image = prepare(progress, run_dir, platform)
     result.phases.append(("prepare images", time.monotonic() - started))
     (run_dir / "job.sh").write_text(run_job(argv))
     share = run_dir.resolve()
 
     def argv_for(qmp_fd: int, console_fd: int) -> list[str]:
-        return l1_argv(image, share) + channel_args(qmp_fd, console_fd)
+        return l1_argv(image, share, platform) + channel_args(qmp_fd, console_fd)
 
     with Machine("lab-l1", argv_for, run_dir) as machine:
-        progress("lab: booting the emulated host (L1: TCG, SVM, VT-d with IRQ remapping)")
+        progress(f"lab: booting the emulated host (L1: {platform.lab.what})")
         launched = time.monotonic()
         machine.launch()
         assert machine.console is not None
@@ -188,14 +175,15 @@ def inner_reports(lab: LabRun) -> list[dict[str, object]]:
 def shell(progress: Progress, run_dir: Path) -> int:
     """L1 with a login shell on this terminal; QEMU's monitor on Ctrl-A c, quit Ctrl-A x."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    image = prepare(progress, run_dir)
+    platform = host_platform()
+    image = prepare(progress, run_dir, platform)
     (run_dir / "job.sh").write_text(shell_job())
-    argv = l1_argv(image, run_dir.resolve()) + [
+    argv = l1_argv(image, run_dir.resolve(), platform) + [
         "-chardev", "stdio,id=console,mux=on,signal=off", "-serial", "chardev:console",
         "-mon", "chardev=console,mode=readline"]
     progress("lab: booting L1; you get a root shell in it (exit powers it off; Ctrl-A x "
              "quits QEMU)")
-    proc = subprocess.Popen([*DIE_WITH_HARNESS, *argv],
+    proc = subprocess.Popen(die_with_harness(argv),
                             stdin=sys.stdin, stdout=sys.stdout, stderr=sys.stderr)
     try:
         return proc.wait()

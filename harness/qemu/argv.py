@@ -1,9 +1,11 @@
-"""QEMU command lines, built as argv lists by pure functions (one per device kind).
+"""Every QEMU command line the harness runs, built as argv lists by pure functions.
 
-Nothing here touches the host: the caller supplies paths, file descriptor numbers and the
-accelerator decision; the result is a list of strings that is safe to log with shlex.join.
-Devices sit on the root bus at fixed slots, so every vector's guest PCI address is known
-before boot and vector identities can be checked, not guessed.
+Nothing here touches the host: the caller supplies the platform, paths, file descriptor
+numbers and the accelerator decision; the result is a list of strings that is safe to log
+with shlex.join.  Scenario VMs, the KVM probe and the lab's emulated host are all built
+here, from the :class:`~harness.platform.Platform` they run on.  Devices sit on the root
+bus at fixed slots, so every vector's guest PCI address is known before boot, and each
+device kind builds its own arguments (:mod:`harness.config.devices`).
 """
 
 from __future__ import annotations
@@ -13,24 +15,38 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from harness.config.model import VM, Device, E1000e, IvshmemDoorbell, VfioPci, VirtioBlk, VirtioNet
+from harness.config.devices import DEFAULT_NETWORK, Device
+from harness.config.model import VM
 from harness.errors import UsageError
+from harness.platform import Platform
+from harness.qemu.options import qemu_options
 
-FIRST_SLOT = 0x03  # automatic placement starts here; 0x01-0x02 stay free for explicit addr
-LAST_SLOT = 0x1E  # q35's ICH9 functions (LPC, SATA, SMBus) sit at 0x1f
-SSH_GUEST_PORT = 22
+# Prefix for every QEMU the harness starts: the kernel sends it SIGKILL when the thread that
+# started it dies, however the harness dies.
+DIE_WITH_HARNESS = ("setpriv", "--pdeathsig", "KILL", "--")
+
+
+def die_with_harness(argv: Sequence[str]) -> list[str]:
+    """``argv`` run so that the kernel kills it when the harness process dies."""
+    return [*DIE_WITH_HARNESS, *argv]
 
 
 @dataclass(frozen=True)
 class PlacedDevice:
-    """A scenario device with the guest PCI address it will have."""
+    """A scenario device with the guest PCI address it will have on its platform."""
 
     device: Device
     slot: int
+    platform: Platform
 
     @property
     def bdf(self) -> str:
         return f"0000:00:{self.slot:02x}.0"
+
+    @property
+    def addr(self) -> str:
+        """The slot as QEMU's ``addr=`` takes it."""
+        return f"0x{self.slot:02x}"
 
     @property
     def mac(self) -> str:
@@ -38,29 +54,22 @@ class PlacedDevice:
 
     def guest_address(self) -> tuple[str, str]:
         """(address/prefix, gateway) of the guest on this NIC's user-mode network."""
-        prefix = getattr(self.device, "network", "10.0.2.0/24").rsplit(".", 1)[0]
+        prefix = getattr(self.device, "network", DEFAULT_NETWORK).rsplit(".", 1)[0]
         return f"{prefix}.15/24", f"{prefix}.2"
 
 
-@dataclass(frozen=True)
-class DeviceResources:
-    """Host-side things some devices need, made by the Machine before argv is built."""
-
-    disks: Mapping[str, Path]  # device id -> scratch disk (virtio-blk)
-    ivshmem_sockets: Mapping[str, Path]  # device id -> ivshmem server socket
-
-
-def place_devices(devices: Sequence[Device]) -> tuple[PlacedDevice, ...]:
+def place_devices(devices: Sequence[Device], platform: Platform) -> tuple[PlacedDevice, ...]:
     """Give each device its slot: explicit ``addr`` values first, then the lowest free slots."""
     taken = {d.addr for d in devices if d.addr is not None}
-    free = iter([slot for slot in range(FIRST_SLOT, LAST_SLOT + 1) if slot not in taken])
+    auto = range(platform.first_auto_slot, platform.slots.stop)
+    free = iter([slot for slot in auto if slot not in taken])
     placed = []
     for d in devices:
         slot = d.addr if d.addr is not None else next(free, None)
         if slot is None:
             raise UsageError(f"device {d.id}: no free slot on the root bus "
-                             f"({FIRST_SLOT:#04x}..{LAST_SLOT:#04x}); give fewer devices")
-        placed.append(PlacedDevice(d, slot))
+                             f"({auto.start:#04x}..{auto.stop - 1:#04x}); give fewer devices")
+        placed.append(PlacedDevice(d, slot, platform))
     return tuple(placed)
 
 
@@ -70,85 +79,9 @@ def device_mac(device_id: str, slot: int) -> str:
     return "52:54:00:" + ":".join(f"{b:02x}" for b in digest[:3])
 
 
-def _props(head: str, props: Mapping[str, object]) -> str:
-    parts = [head]
-    for key, value in props.items():
-        if value is None:
-            continue
-        if isinstance(value, bool):
-            value = "on" if value else "off"
-        text = str(value)
-        if "," in text:
-            raise ValueError(f"QEMU option value {text!r} for {key} contains a comma")
-        parts.append(f"{key}={text}")
-    return ",".join(parts)
-
-
-def _user_netdev(placed: PlacedDevice) -> list[str]:
-    # hostfwd to port 0: slirp binds an ephemeral port on 127.0.0.1 and reports it through
-    # "info usernet", so the port is chosen by the kernel, not raced for by the harness.
-    dev = placed.device
-    assert isinstance(dev, VirtioNet | E1000e)
-    fwd = f",hostfwd=tcp:127.0.0.1:0-:{SSH_GUEST_PORT}" if dev.ssh else ""
-    net = f",net={dev.network}" if dev.network != "10.0.2.0/24" else ""
-    return ["-netdev", f"user,id={dev.id}{net}{fwd}"]
-
-
-def virtio_net_args(placed: PlacedDevice) -> list[str]:
-    dev = placed.device
-    assert isinstance(dev, VirtioNet)
-    props: dict[str, object] = {"netdev": dev.id, "id": dev.id, "mac": placed.mac,
-                                "addr": f"0x{placed.slot:02x}"}
-    return [*_user_netdev(placed), "-device", _props("virtio-net-pci", props)]
-
-
-def e1000e_args(placed: PlacedDevice) -> list[str]:
-    dev = placed.device
-    assert isinstance(dev, E1000e)
-    return [*_user_netdev(placed), "-device", _props("e1000e", {
-        "netdev": dev.id, "id": dev.id, "mac": placed.mac, "addr": f"0x{placed.slot:02x}"})]
-
-
-def virtio_blk_args(placed: PlacedDevice, disk: Path) -> list[str]:
-    dev = placed.device
-    assert isinstance(dev, VirtioBlk)
-    return ["-blockdev", _props("driver=file", {"node-name": f"{dev.id}-file",
-                                                "filename": disk}),
-            "-blockdev", _props("driver=raw", {"node-name": f"{dev.id}-fmt",
-                                               "file": f"{dev.id}-file"}),
-            "-device", _props("virtio-blk-pci", {"drive": f"{dev.id}-fmt", "id": dev.id,
-                                                  "addr": f"0x{placed.slot:02x}"})]
-
-
-def ivshmem_doorbell_args(placed: PlacedDevice, server_socket: Path) -> list[str]:
-    dev = placed.device
-    assert isinstance(dev, IvshmemDoorbell)
-    return ["-chardev", _props("socket", {"id": f"{dev.id}-chr", "path": server_socket}),
-            "-device", _props("ivshmem-doorbell", {"chardev": f"{dev.id}-chr", "id": dev.id,
-                                                    "vectors": dev.vectors,
-                                                    "addr": f"0x{placed.slot:02x}"})]
-
-
-def vfio_pci_args(placed: PlacedDevice) -> list[str]:
-    dev = placed.device
-    assert isinstance(dev, VfioPci)
-    return ["-device", _props("vfio-pci", {
-        "host": dev.host, "id": dev.id, "addr": f"0x{placed.slot:02x}",
-        "x-no-kvm-msix": True if dev.no_kvm_msix else None,
-        "x-no-kvm-msi": True if dev.no_kvm_msi else None})]
-
-
-def device_args(placed: PlacedDevice, resources: DeviceResources) -> list[str]:
-    dev = placed.device
-    if isinstance(dev, VirtioNet):
-        return virtio_net_args(placed)
-    if isinstance(dev, E1000e):
-        return e1000e_args(placed)
-    if isinstance(dev, VirtioBlk):
-        return virtio_blk_args(placed, resources.disks[dev.id])
-    if isinstance(dev, IvshmemDoorbell):
-        return ivshmem_doorbell_args(placed, resources.ivshmem_sockets[dev.id])
-    return vfio_pci_args(placed)
+def device_args(placed: PlacedDevice, scratch: Mapping[str, Path]) -> list[str]:
+    """The device's own arguments; ``scratch`` maps device ids to their scratch files."""
+    return placed.device.qemu_args(placed, scratch.get(placed.device.id))
 
 
 @dataclass(frozen=True)
@@ -162,13 +95,33 @@ class Boot:
     seed: Path | None = None  # cloud-init NoCloud seed (ISO)
 
 
-def machine_args(vm: VM, accel: str) -> list[str]:
+def base_append(platform: Platform) -> str:
+    """The kernel arguments every harness guest boots with."""
+    return f"console={platform.console} panic=-1 loglevel=4"
+
+
+def machine_args(platform: Platform, vm: VM, accel: str) -> list[str]:
     """Machine, accelerator, CPU and memory; no devices (-nodefaults) and no display."""
-    cpu = ["-cpu", "host"] if accel == "kvm" else []
-    return [vm.qemu, "-name", _props(vm.name, {"debug-threads": True}),
-            "-machine", _props(vm.machine, {"accel": accel}), *cpu,
-            "-smp", str(vm.cpus), "-m", f"{vm.memory_mib}M",
-            "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot"]
+    return [vm.qemu or platform.qemu, "-name", qemu_options(vm.name, {"debug-threads": True}),
+            *_machine(platform, vm.machine, accel),
+            "-smp", str(vm.cpus), "-m", f"{vm.memory_mib}M", *_quiet()]
+
+
+def _machine(platform: Platform, machine: str | None, accel: str,
+             cpu: str | None = None, options: Mapping[str, str] | None = None) -> list[str]:
+    """``-machine`` (the platform's options unless the scenario names its own machine) and
+    ``-cpu`` (the host's under KVM, the platform's TCG model otherwise)."""
+    if machine is None:
+        head, props = platform.machine, {**platform.machine_options, **(options or {})}
+    else:
+        head, props = machine, dict(options or {})
+    cpu = cpu or ("host" if accel == "kvm" else platform.tcg_cpu)
+    return ["-machine", qemu_options(head, {**props, "accel": accel}),
+            *(["-cpu", cpu] if cpu else [])]
+
+
+def _quiet() -> list[str]:
+    return ["-nodefaults", "-no-user-config", "-display", "none", "-no-reboot"]
 
 
 def boot_args(boot: Boot) -> list[str]:
@@ -179,10 +132,10 @@ def boot_args(boot: Boot) -> list[str]:
             args += ["-initrd", str(boot.initrd)]
         args += ["-append", boot.append]
     if boot.disk is not None:
-        args += ["-drive", _props("if=virtio", {"file": boot.disk, "format": "qcow2"})]
+        args += ["-drive", qemu_options("if=virtio", {"file": boot.disk, "format": "qcow2"})]
     if boot.seed is not None:
-        args += ["-drive", _props("if=virtio", {"file": boot.seed, "format": "raw",
-                                                "readonly": True})]
+        args += ["-drive", qemu_options("if=virtio", {"file": boot.seed, "format": "raw",
+                                                      "readonly": True})]
     return args
 
 
@@ -192,9 +145,67 @@ def channel_args(qmp_fd: int, console_fd: int) -> list[str]:
             "-chardev", f"socket,id=console,fd={console_fd}", "-serial", "chardev:console"]
 
 
-def build_argv(vm: VM, accel: str, boot: Boot, placed: Sequence[PlacedDevice],
-               resources: DeviceResources, qmp_fd: int, console_fd: int) -> list[str]:
-    argv = machine_args(vm, accel) + channel_args(qmp_fd, console_fd) + boot_args(boot)
+def build_argv(platform: Platform, vm: VM, accel: str, boot: Boot,
+               placed: Sequence[PlacedDevice], scratch: Mapping[str, Path], qmp_fd: int,
+               console_fd: int) -> list[str]:
+    argv = (machine_args(platform, vm, accel) + channel_args(qmp_fd, console_fd)
+            + boot_args(boot))
     for p in placed:
-        argv += device_args(p, resources)
+        argv += device_args(p, scratch)
     return argv + list(vm.extra_args)
+
+
+def bare_boot_argv(platform: Platform, vm: VM, accel: str, boot: Boot, qmp_fd: int,
+                   console_fd: int) -> list[str]:
+    """The VM's machine, CPUs and memory with no devices: the bench's baseline boot."""
+    return (machine_args(platform, vm, accel) + channel_args(qmp_fd, console_fd)
+            + boot_args(boot))
+
+
+def kvm_probe_argv(platform: Platform, qemu: str | None, kernel: Path) -> list[str]:
+    """A kernel alone under KVM, its console on stdout: does KVM really run a guest here?"""
+    return [qemu or platform.qemu, *_machine(platform, None, "kvm"), "-m", "256", *_quiet(),
+            "-serial", "stdio", "-kernel", str(kernel),
+            "-append", f"console={platform.console} {platform.early_console} panic=-1"]
+
+
+# --- the lab's emulated host (L1) -----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LabShare:
+    """A host folder L1 mounts over 9p."""
+
+    tag: str
+    path: Path
+    readonly: bool
+    slot: int
+
+
+def lab_host_argv(platform: Platform, kernel: Path, initrd: Path, shares: Sequence[LabShare],
+                  device_slot: int, memory_mib: int, cpus: int) -> list[str]:
+    """L0's command line for L1 without its console/QMP channels (the caller adds those).
+
+    The vCPU, machine options and IOMMU come from the platform's :class:`LabHost`; the
+    assigned NIC's DMA and MSIs go through the emulated IOMMU.
+    """
+    lab = platform.lab
+    argv = [platform.qemu, "-name", "lab-l1",
+            *_machine(platform, None, "tcg", cpu=lab.cpu, options=lab.machine_options),
+            "-smp", str(cpus), "-m", f"{memory_mib}M", *_quiet()]
+    for device in lab.pre_devices:  # the IOMMU first: devices created before it bypass it
+        argv += ["-device", device]
+    argv += ["-kernel", str(kernel), "-initrd", str(initrd),
+             "-append", f"{base_append(platform)} {lab.append}"]
+    for share in shares:
+        argv += ["-fsdev", qemu_options("local", {
+                     "id": share.tag, "path": share.path, "security_model": "none",
+                     "readonly": True if share.readonly else None, "multidevs": "remap"}),
+                 "-device", qemu_options("virtio-9p-pci", {
+                     "fsdev": share.tag, "mount_tag": share.tag, "addr": f"0x{share.slot:02x}"})]
+    argv += ["-netdev", "user,id=labnet",
+             "-device", qemu_options("virtio-net-pci", {
+                 "netdev": "labnet", "mac": device_mac("lab", device_slot),
+                 "disable-legacy": "on", **lab.device_options,
+                 "addr": f"0x{device_slot:02x}"})]
+    return argv

@@ -22,6 +22,7 @@ FATAL_PATTERNS = (
     re.compile(r"Kernel panic - not syncing"),
     re.compile(r"Attempted to kill init"),
     re.compile(r"VFS: Unable to mount root fs"),
+    re.compile(r"^harness-init: fatal: "),  # the guest's init found it cannot go on
 )
 
 

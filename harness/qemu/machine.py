@@ -25,16 +25,13 @@ from pathlib import Path
 from types import TracebackType
 
 from harness.errors import HarnessError, LaunchError, StateError
+from harness.qemu.argv import die_with_harness
 from harness.qemu.console import Console
 from harness.qemu.qmp import QmpChannel, QmpError
 
 log = logging.getLogger(__name__)
 
 ArgvFactory = Callable[[int, int], list[str]]  # (qmp_fd, console_fd) -> argv
-
-# Prefix for every QEMU the harness starts: killed when the thread that started it dies.
-DIE_WITH_HARNESS = ("setpriv", "--pdeathsig", "KILL", "--")
-
 
 class MachineState(enum.Enum):
     CREATED = "created"
@@ -98,7 +95,7 @@ class Machine:
             with open(self.log_path, "wb") as out:
                 try:
                     self._proc = subprocess.Popen(  # noqa: S603 - argv list, no shell
-                        [*DIE_WITH_HARNESS, *self.argv],
+                        die_with_harness(self.argv),
                         pass_fds=(qmp_theirs.fileno(), con_theirs.fileno()),
                         stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
                         process_group=0)

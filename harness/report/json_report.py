@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from harness import __version__
-from harness.runner import RunResult
+from harness.result import RunResult
 from harness.verdict import VectorVerdict
 
 FORMAT = "harness-run/1"
@@ -40,7 +40,7 @@ def verdict_dict(v: VectorVerdict) -> dict[str, Any]:
 
 
 def to_dict(result: RunResult) -> dict[str, Any]:
-    qemus = sorted({vm.qemu for vm in result.scenario.vms})
+    qemus = sorted({vm.qemu for vm in result.vms})
     return {
         "format": FORMAT,
         "harness": __version__,
@@ -58,12 +58,12 @@ def to_dict(result: RunResult) -> dict[str, Any]:
                                            for i, k, b in vm.devices]} for vm in result.vms],
         "workloads": [asdict(w) for w in result.workloads],
         "vectors": [verdict_dict(v) for v in result.verdicts],
-        "host_wiring": result.host_wiring,
-        "host_notes": result.host_notes,
+        "host_wiring": [dict(w) for w in result.host.wiring],
+        "host_notes": list(result.host.notes),
         "expectations": [{"vm": e.expectation.vm, "device": e.expectation.device,
                           "path": e.expectation.path.value, "passed": e.passed,
                           "message": e.message} for e in result.expectations],
-        "console_tails": result.console_tails if not result.passed else {},
+        "console_tails": dict(result.console_tails) if not result.passed else {},
     }
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
-from harness.runner import RunResult
+from harness.result import RunResult
 
 
 def to_xml(result: RunResult) -> ET.Element:

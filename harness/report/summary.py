@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from harness.runner import RunResult
+from harness.result import RunResult
 
 
 def table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
@@ -28,11 +28,11 @@ def format_summary(result: RunResult) -> str:
             [[v.vm, v.device, v.bdf, "-" if v.entry is None else v.entry, v.name, v.irq,
               v.guest_delta, "-" if v.host_delta is None else v.host_delta,
               v.path.value if v.path else "?"] for v in result.verdicts]))
-    if result.host_wiring or result.host_notes:
+    if result.host.wiring or result.host.notes:
         out.append("")
-        for wire in result.host_wiring:
+        for wire in result.host.wiring:
             out.append(f"  host {wire['bdf']} entry {wire['entry']}: {wire['summary']}")
-        for note in result.host_notes:
+        for note in result.host.notes:
             out.append(f"  host: {note}")
     if result.workloads:
         out.append("")

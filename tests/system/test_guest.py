@@ -18,14 +18,21 @@ import paramiko
 import pytest
 
 from harness.cli import main
-from harness.config.model import VM, BuiltinImage, VirtioBlk, VirtioNet
+from harness.config.model import VM, Arch, BuiltinImage, VirtioBlk, VirtioNet
 from harness.errors import GuestError, LaunchError
 from harness.guest.ssh import GuestSSH
+from harness.images.builder import GuestImage, ensure_image
+from harness.platform import host_platform
 from harness.vm import GuestVM
 
 pytestmark = pytest.mark.system
 
 REPO = Path(__file__).resolve().parents[2]
+
+
+#: Both guest architectures; a test that takes ``arch`` runs once for each.
+ARCHES = [pytest.param(Arch.X86_64, id="x86_64"),
+          pytest.param(Arch.ARM64, id="arm64", marks=pytest.mark.system(arch="arm64"))]
 
 
 def smoke_vm(**overrides: object) -> VM:
@@ -36,6 +43,11 @@ def smoke_vm(**overrides: object) -> VM:
                     VirtioBlk(kind="virtio-blk", id="disk0"))}
     spec.update(overrides)
     return VM(**spec)  # type: ignore[arg-type]
+
+
+def _host_image() -> GuestImage:
+    platform = host_platform()
+    return ensure_image(platform.recipes[0], platform)
 
 
 def qemu_pids(parent: int | None = None) -> set[int]:
@@ -54,18 +66,21 @@ def qemu_pids(parent: int | None = None) -> set[int]:
     return pids
 
 
-@pytest.fixture(scope="module")
-def guest(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GuestVM]:
-    with GuestVM(smoke_vm(), tmp_path_factory.mktemp("guest")) as vm:
+@pytest.fixture(scope="module", params=ARCHES)
+def guest(request: pytest.FixtureRequest,
+          tmp_path_factory: pytest.TempPathFactory) -> Iterator[GuestVM]:
+    with GuestVM(smoke_vm(arch=request.param), tmp_path_factory.mktemp("guest")) as vm:
         vm.boot()
         yield vm
 
 
 def test_guest_boots_and_answers_over_ssh(guest: GuestVM) -> None:
     assert guest.image is not None
-    result = guest.run(["uname", "-r"], timeout=30)
+    result = guest.run(["uname", "-r", "-m"], timeout=30)
     assert result.exit_status == 0
-    assert result.stdout.strip() == guest.image.kernel_release
+    release, machine = result.stdout.split()
+    assert release == guest.image.kernel_release
+    assert machine == guest.platform.uname
     assert guest.accel is not None and guest.accel.accel in ("kvm", "tcg")
 
 
@@ -77,6 +92,9 @@ def test_agent_snapshot_names_the_devices_vectors(guest: GuestVM) -> None:
     lines = {line.label: line for line in snap.interrupts.lines}
     names = sorted(a for irq, _ in net.msi_irqs for a in lines[irq].actions)
     assert names == ["virtio0-config", "virtio0-input.0", "virtio0-output.0"]
+    # The interrupt controller's name: x86's PCI-MSI domain, or the GICv3 ITS on arm64.
+    chips = {lines[irq].chip for irq, _ in net.msi_irqs}
+    assert chips == ({"ITS-MSI"} if guest.platform.arch is Arch.ARM64 else {"PCI-MSI"})
     for irq, _ in net.msi_irqs:
         vector = lines[irq].vector
         assert vector is not None and vector.bdf == "0000:00:03.0"
@@ -107,8 +125,9 @@ def _other_host_key() -> paramiko.PKey:
     return parse_host_key(ClientKey.generate().public_line)
 
 
-def test_teardown_leaves_no_qemu(tmp_path: Path) -> None:
-    with GuestVM(smoke_vm(name="t1"), tmp_path) as vm:
+@pytest.mark.parametrize("arch", ARCHES)
+def test_teardown_leaves_no_qemu(tmp_path: Path, arch: Arch) -> None:
+    with GuestVM(smoke_vm(name="t1", arch=arch), tmp_path) as vm:
         vm.boot()
         assert vm.machine is not None
         pid = vm.machine.pid
@@ -129,8 +148,9 @@ def test_launch_failure_reports_exit_code_argv_and_output(tmp_path: Path) -> Non
     assert "exit code 1" in str(err)
 
 
-def test_a_panicking_guest_fails_fast_with_the_console_tail(tmp_path: Path) -> None:
-    vm = GuestVM(smoke_vm(name="t3", append="rdinit=/no-such-init"), tmp_path,
+@pytest.mark.parametrize("arch", ARCHES)
+def test_a_panicking_guest_fails_fast_with_the_console_tail(tmp_path: Path, arch: Arch) -> None:
+    vm = GuestVM(smoke_vm(name="t3", arch=arch, append="rdinit=/no-such-init"), tmp_path,
                  boot_timeout=120)
     started = time.monotonic()
     with vm, pytest.raises(GuestError) as info:
@@ -140,9 +160,11 @@ def test_a_panicking_guest_fails_fast_with_the_console_tail(tmp_path: Path) -> N
     assert "no-such-init" in info.value.console_tail or "panic" in info.value.console_tail
 
 
-def test_cli_run_smoke_writes_reports_and_passes(tmp_path: Path,
+@pytest.mark.parametrize("scenario", [
+    "smoke.yaml", pytest.param("smoke-arm64.yaml", marks=pytest.mark.system(arch="arm64"))])
+def test_cli_run_smoke_writes_reports_and_passes(tmp_path: Path, scenario: str,
                                                  capsys: pytest.CaptureFixture[str]) -> None:
-    code = main(["run", str(REPO / "configs" / "smoke.yaml"), "--out", str(tmp_path)])
+    code = main(["run", str(REPO / "configs" / scenario), "--out", str(tmp_path)])
     out = capsys.readouterr().out
     assert code == 0, out
     (run_dir,) = tmp_path.iterdir()
@@ -207,9 +229,8 @@ def test_a_users_own_kernel_and_modules_tree_boots(tmp_path: Path) -> None:
     build: the harness builds its initramfs around it from the modules tree given.
     """
     from harness.config.model import KernelImage
-    from harness.images.builder import ensure_image
 
-    ref = next(p for p in ensure_image().packages if p.role == "kernel")
+    ref = next(p for p in _host_image().packages if p.role == "kernel")
     subprocess.run(["apt-get", "download", "-q", "-o", "APT::Sandbox::User=root",
                     f"{ref.name}={ref.version}"], cwd=tmp_path, check=True,
                    capture_output=True)
@@ -232,12 +253,11 @@ def test_a_users_own_kernel_and_modules_tree_boots(tmp_path: Path) -> None:
 def test_a_mismatched_modules_tree_is_refused(tmp_path: Path) -> None:
     from harness.config.model import KernelImage
     from harness.errors import ImageError
-    from harness.images.builder import ensure_image
 
     wrong = tmp_path / "5.10.0-99-amd64"
     wrong.mkdir()
     (wrong / "modules.dep").write_text("")
-    image = KernelImage(kind="kernel", kernel=str(ensure_image().kernel), modules=str(wrong))
+    image = KernelImage(kind="kernel", kernel=str(_host_image().kernel), modules=str(wrong))
     with GuestVM(smoke_vm(name="t5", image=image), tmp_path) as vm:
         with pytest.raises(ImageError, match="is for release 5.10.0-99-amd64"):
             vm.prepare()

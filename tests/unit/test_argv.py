@@ -1,47 +1,40 @@
-"""QEMU argv builders: exact lists, slot placement, MACs, and the refusal of commas in values.
+"""QEMU argv builders: exact lists, slot placement, MACs, each kind's own arguments, both
+platforms, the KVM probe and the lab's emulated host, and the refusal of commas in values.
 
 Pure functions, so every test compares whole argv lists; nothing here starts QEMU.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import re
+import typing
 from pathlib import Path
 
 import pytest
 
-from harness.config.model import (
-    VM,
-    Accel,
-    Device,
-    E1000e,
-    IvshmemDoorbell,
-    VfioPci,
-    VirtioBlk,
-    VirtioNet,
-)
+from harness.config.devices import Device, E1000e, VfioPci, VirtioBlk, VirtioNet
+from harness.config.model import VM, Accel
 from harness.errors import HarnessError
+from harness.platform import ARM64, PLATFORMS, X86_64, Platform
 from harness.qemu.argv import (
-    FIRST_SLOT,
     Boot,
-    DeviceResources,
+    LabShare,
     PlacedDevice,
+    bare_boot_argv,
     boot_args,
     build_argv,
     channel_args,
     device_args,
     device_mac,
-    e1000e_args,
-    ivshmem_doorbell_args,
+    kvm_probe_argv,
+    lab_host_argv,
     machine_args,
     place_devices,
-    vfio_pci_args,
-    virtio_blk_args,
-    virtio_net_args,
 )
 
-NO_RESOURCES = DeviceResources(disks={}, ivshmem_sockets={})
+BOTH = pytest.mark.parametrize("platform", list(PLATFORMS.values()), ids=lambda p: p.arch.value)
 
 
 def net(id: str = "net0", addr: int | None = None, ssh: bool = True) -> VirtioNet:
@@ -52,6 +45,10 @@ def blk(id: str = "disk0", addr: int | None = None) -> VirtioBlk:
     return VirtioBlk(kind="virtio-blk", id=id, addr=addr)
 
 
+def placed(device: Device, slot: int, platform: Platform = X86_64) -> PlacedDevice:
+    return PlacedDevice(device, slot, platform)
+
+
 def all_str(argv: list[str]) -> bool:
     return all(type(a) is str for a in argv)
 
@@ -59,46 +56,48 @@ def all_str(argv: list[str]) -> bool:
 # --- placement -------------------------------------------------------------------------------
 
 
-def test_first_free_slot_is_three() -> None:
-    assert FIRST_SLOT == 0x03
-
-
-def test_devices_without_addr_get_slots_from_0x03_in_order() -> None:
-    placed = place_devices([net("a"), blk("b"), blk("c")])
-    assert [(p.device.id, p.slot) for p in placed] == [("a", 3), ("b", 4), ("c", 5)]
+@BOTH
+def test_devices_without_addr_get_slots_from_0x03_in_order(platform: Platform) -> None:
+    out = place_devices([net("a"), blk("b"), blk("c")], platform)
+    assert [(p.device.id, p.slot) for p in out] == [("a", 3), ("b", 4), ("c", 5)]
+    assert all(p.platform is platform for p in out)
 
 
 def test_explicit_addr_is_kept_and_skipped_by_the_others() -> None:
     # The explicit slot is taken out of the pool before any automatic one is handed out,
     # even when the explicit device comes later in the list.
-    placed = place_devices([net("a"), blk("b"), blk("c", addr=0x04), blk("d", addr=0x03)])
-    assert [(p.device.id, p.slot) for p in placed] == [("a", 5), ("b", 6), ("c", 4), ("d", 3)]
+    out = place_devices([net("a"), blk("b"), blk("c", addr=0x04), blk("d", addr=0x03)], X86_64)
+    assert [(p.device.id, p.slot) for p in out] == [("a", 5), ("b", 6), ("c", 4), ("d", 3)]
 
 
 def test_explicit_addr_below_first_slot_is_allowed() -> None:
-    placed = place_devices([blk("a", addr=0x01), blk("b")])
-    assert [p.slot for p in placed] == [0x01, 0x03]
+    out = place_devices([blk("a", addr=0x01), blk("b")], X86_64)
+    assert [p.slot for p in out] == [0x01, 0x03]
 
 
 def test_placement_keeps_input_order_and_devices() -> None:
     devices: list[Device] = [blk("x", addr=0x10), net("y"), blk("z")]
-    placed = place_devices(devices)
-    assert [p.device for p in placed] == devices
+    assert [p.device for p in place_devices(devices, X86_64)] == devices
 
 
-def test_bdf_is_the_slot_on_the_root_bus() -> None:
-    assert PlacedDevice(blk(), 0x03).bdf == "0000:00:03.0"
-    assert PlacedDevice(blk(), 0x1e).bdf == "0000:00:1e.0"
+def test_bdf_and_addr_are_the_slot_on_the_root_bus() -> None:
+    assert placed(blk(), 0x03).bdf == "0000:00:03.0"
+    assert placed(blk(), 0x1e).bdf == "0000:00:1e.0"
+    assert placed(blk(), 0x1e).addr == "0x1e"
 
 
-def test_automatic_slots_never_reach_the_ich9_slot() -> None:
-    placed = place_devices([blk(f"d{i}") for i in range(28)])  # 0x03..0x1e
-    assert max(p.slot for p in placed) <= 0x1e
+def test_automatic_slots_never_reach_the_ich9_slot_on_q35() -> None:
+    out = place_devices([blk(f"d{i}") for i in range(28)], X86_64)  # 0x03..0x1e
+    assert max(p.slot for p in out) == 0x1e
+    with pytest.raises(HarnessError, match=r"0x03\.\.0x1e"):
+        place_devices([blk(f"d{i}") for i in range(29)], X86_64)
 
 
-def test_too_many_devices_is_a_harness_error() -> None:
-    with pytest.raises(HarnessError):
-        place_devices([blk(f"d{i}") for i in range(31)])
+def test_arm64_virt_has_slot_0x1f_too() -> None:
+    out = place_devices([blk(f"d{i}") for i in range(29)], ARM64)
+    assert max(p.slot for p in out) == 0x1f
+    with pytest.raises(HarnessError, match=r"0x03\.\.0x1f"):
+        place_devices([blk(f"d{i}") for i in range(30)], ARM64)
 
 
 # --- MAC addresses -------------------------------------------------------------------------------
@@ -112,7 +111,6 @@ def test_mac_is_pinned_for_id_and_slot() -> None:
 
 
 def test_mac_is_stable_and_distinct() -> None:
-    assert device_mac("net0", 3) == device_mac("net0", 3)
     macs = {device_mac(i, s) for i in ("net0", "net1", "lan") for s in (3, 4, 0x1e)}
     assert len(macs) == 9
     for mac in macs:
@@ -122,77 +120,72 @@ def test_mac_is_stable_and_distinct() -> None:
 
 
 def test_placed_device_mac_uses_its_slot() -> None:
-    assert PlacedDevice(net(), 4).mac == device_mac("net0", 4)
+    assert placed(net(), 4).mac == device_mac("net0", 4)
 
 
-# --- one builder per kind -------------------------------------------------------------------------
+# --- each kind builds its own arguments -------------------------------------------------------
 
 
 def test_virtio_net_with_ssh_forwards_port_0_on_loopback() -> None:
-    placed = PlacedDevice(net(), 3)
-    assert virtio_net_args(placed) == [
+    assert device_args(placed(net(), 3), {}) == [
         "-netdev", "user,id=net0,hostfwd=tcp:127.0.0.1:0-:22",
         "-device", "virtio-net-pci,netdev=net0,id=net0,mac=52:54:00:c4:49:1b,addr=0x03"]
 
 
-def test_virtio_net_without_ssh_has_no_forward() -> None:
-    placed = PlacedDevice(net(ssh=False), 3)
-    assert virtio_net_args(placed) == [
-        "-netdev", "user,id=net0",
-        "-device", "virtio-net-pci,netdev=net0,id=net0,mac=52:54:00:c4:49:1b,addr=0x03"]
+def test_virtio_net_without_ssh_has_no_forward_and_a_subnet_is_passed() -> None:
+    dev = VirtioNet(kind="virtio-net", id="net0", ssh=False, network="10.0.3.0/24")
+    assert device_args(placed(dev, 3), {})[:2] == ["-netdev", "user,id=net0,net=10.0.3.0/24"]
+
+
+def test_nics_on_arm64_ask_for_no_option_rom() -> None:
+    # No firmware on arm64 virt loads option ROMs; QEMU must not go looking for one.
+    assert device_args(placed(net(), 3, ARM64), {})[3].endswith(",addr=0x03,romfile=")
+    assert "romfile" not in device_args(placed(net(), 3, X86_64), {})[3]
 
 
 def test_e1000e_without_and_with_ssh() -> None:
     dev = E1000e(kind="e1000e", id="lan0")
     mac = device_mac("lan0", 5)
-    assert e1000e_args(PlacedDevice(dev, 5)) == [
+    assert device_args(placed(dev, 5), {}) == [
         "-netdev", "user,id=lan0",
         "-device", f"e1000e,netdev=lan0,id=lan0,mac={mac},addr=0x05"]
     with_ssh = E1000e(kind="e1000e", id="lan0", ssh=True)
-    assert e1000e_args(PlacedDevice(with_ssh, 5))[:2] == [
+    assert device_args(placed(with_ssh, 5), {})[:2] == [
         "-netdev", "user,id=lan0,hostfwd=tcp:127.0.0.1:0-:22"]
 
 
-def test_virtio_blk_is_a_file_raw_device_chain() -> None:
-    argv = virtio_blk_args(PlacedDevice(blk(), 4), Path("/run/x/disk0.img"))
+def test_virtio_blk_is_a_file_raw_device_chain_on_its_scratch_file() -> None:
+    dev = blk()
+    assert dev.scratch_size() == 8 << 20
+    argv = device_args(placed(dev, 4), {"disk0": Path("/run/x/disk0.img")})
     assert argv == [
         "-blockdev", "driver=file,node-name=disk0-file,filename=/run/x/disk0.img",
         "-blockdev", "driver=raw,node-name=disk0-fmt,file=disk0-file",
         "-device", "virtio-blk-pci,drive=disk0-fmt,id=disk0,addr=0x04"]
     assert all_str(argv)
-
-
-def test_ivshmem_doorbell_uses_a_socket_chardev() -> None:
-    dev = IvshmemDoorbell(kind="ivshmem-doorbell", id="shm0", vectors=4)
-    argv = ivshmem_doorbell_args(PlacedDevice(dev, 0x0a), Path("/run/x/ivshmem.sock"))
-    assert argv == [
-        "-chardev", "socket,id=shm0-chr,path=/run/x/ivshmem.sock",
-        "-device", "ivshmem-doorbell,chardev=shm0-chr,id=shm0,vectors=4,addr=0x0a"]
-    assert all_str(argv)
+    with pytest.raises(ValueError, match="no scratch disk"):
+        device_args(placed(dev, 4), {})
 
 
 def test_vfio_pci_plain_and_user_space_msix() -> None:
     plain = VfioPci(kind="vfio-pci", id="nvme0", host="0000:00:05.0")
-    assert vfio_pci_args(PlacedDevice(plain, 6)) == [
+    assert device_args(placed(plain, 6), {}) == [
         "-device", "vfio-pci,host=0000:00:05.0,id=nvme0,addr=0x06"]
-    msix = VfioPci(kind="vfio-pci", id="nvme0", host="0000:00:05.0", no_kvm_msix=True)
-    assert vfio_pci_args(PlacedDevice(msix, 6)) == [
-        "-device", "vfio-pci,host=0000:00:05.0,id=nvme0,addr=0x06,x-no-kvm-msix=on"]
-    both = VfioPci(kind="vfio-pci", id="nvme0", host="0000:00:05.0", no_kvm_msix=True,
-                   no_kvm_msi=True)
-    assert vfio_pci_args(PlacedDevice(both, 6))[1].endswith(",x-no-kvm-msix=on,x-no-kvm-msi=on")
+    msix = dataclasses.replace(plain, no_kvm_msix=True)
+    assert device_args(placed(msix, 6), {})[1].endswith(",addr=0x06,x-no-kvm-msix=on")
+    both = dataclasses.replace(plain, no_kvm_msix=True, no_kvm_msi=True)
+    assert device_args(placed(both, 6), {})[1].endswith(",x-no-kvm-msix=on,x-no-kvm-msi=on")
 
 
-def test_device_args_dispatches_with_resources() -> None:
-    resources = DeviceResources(disks={"disk0": Path("/d/disk0.img")},
-                                ivshmem_sockets={"shm0": Path("/d/shm0.sock")})
-    shm = IvshmemDoorbell(kind="ivshmem-doorbell", id="shm0")
-    assert device_args(PlacedDevice(blk(), 4), resources) == virtio_blk_args(
-        PlacedDevice(blk(), 4), Path("/d/disk0.img"))
-    assert device_args(PlacedDevice(shm, 5), resources) == ivshmem_doorbell_args(
-        PlacedDevice(shm, 5), Path("/d/shm0.sock"))
-    assert device_args(PlacedDevice(net(), 3), NO_RESOURCES) == virtio_net_args(
-        PlacedDevice(net(), 3))
+def test_each_kind_answers_for_itself() -> None:
+    kinds = typing.get_args(Device)
+    assert {k.__name__ for k in kinds} == {"VirtioNet", "E1000e", "VirtioBlk", "VfioPci"}
+    vfio = VfioPci(kind="vfio-pci", id="v", host="0000:00:05.0")
+    assert (vfio.emulated, vfio.assigned_host, vfio.guest_modules) == (False, "0000:00:05.0", ())
+    assert (net().emulated, net().assigned_host, net().ssh_nic()) == (True, None, True)
+    assert net(ssh=False).ssh_nic() is False
+    assert E1000e(kind="e1000e", id="e").guest_modules == ("e1000e",)
+    assert blk().ssh_nic() is False and blk().guest_modules == ("virtio_pci", "virtio_blk")
 
 
 # --- commas ---------------------------------------------------------------------------------------
@@ -200,13 +193,7 @@ def test_device_args_dispatches_with_resources() -> None:
 
 def test_comma_in_disk_path_is_refused() -> None:
     with pytest.raises(ValueError, match="contains a comma"):
-        virtio_blk_args(PlacedDevice(blk(), 4), Path("/tmp/a,b.img"))
-
-
-def test_comma_in_ivshmem_socket_is_refused() -> None:
-    dev = IvshmemDoorbell(kind="ivshmem-doorbell", id="shm0")
-    with pytest.raises(ValueError, match=r"'/tmp/x,y\.sock' for path contains a comma"):
-        ivshmem_doorbell_args(PlacedDevice(dev, 5), Path("/tmp/x,y.sock"))
+        device_args(placed(blk(), 4), {"disk0": Path("/tmp/a,b.img")})
 
 
 def test_comma_in_boot_disk_is_refused() -> None:
@@ -217,22 +204,34 @@ def test_comma_in_boot_disk_is_refused() -> None:
 # --- machine, channels, boot, whole argv ----------------------------------------------------------
 
 
-def test_machine_args_under_kvm_use_the_host_cpu() -> None:
+def test_x86_machine_args_under_kvm_use_the_host_cpu() -> None:
     vm = VM(name="guest0", cpus=4, memory_mib=1024)
-    assert machine_args(vm, "kvm") == [
+    assert machine_args(X86_64, vm, "kvm") == [
         "qemu-system-x86_64", "-name", "guest0,debug-threads=on",
         "-machine", "q35,accel=kvm", "-cpu", "host",
         "-smp", "4", "-m", "1024M",
         "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot"]
 
 
-def test_machine_args_under_tcg_leave_the_cpu_model_alone() -> None:
+def test_x86_machine_args_under_tcg_leave_the_cpu_model_alone() -> None:
     vm = VM(name="guest0", accel=Accel.TCG, qemu="/opt/qemu/bin/qemu-system-x86_64")
-    argv = machine_args(vm, "tcg")
+    argv = machine_args(X86_64, vm, "tcg")
     assert "-cpu" not in argv
     assert argv[:5] == ["/opt/qemu/bin/qemu-system-x86_64", "-name", "guest0,debug-threads=on",
                         "-machine", "q35,accel=tcg"]
     assert argv[5:9] == ["-smp", "2", "-m", "512M"]
+
+
+def test_arm64_machine_is_virt_with_a_gicv3_its_and_a_cheap_tcg_cpu() -> None:
+    vm = VM(name="guest0")
+    assert machine_args(ARM64, vm, "tcg")[:7] == [
+        "qemu-system-aarch64", "-name", "guest0,debug-threads=on",
+        "-machine", "virt,gic-version=3,its=on,accel=tcg", "-cpu", "max,pauth-impdef=on"]
+
+
+def test_a_machine_named_by_the_scenario_gets_none_of_the_platform_options() -> None:
+    vm = VM(name="guest0", machine="virt-7.2")
+    assert machine_args(ARM64, vm, "tcg")[3:5] == ["-machine", "virt-7.2,accel=tcg"]
 
 
 def test_channel_args_use_the_inherited_fds() -> None:
@@ -241,41 +240,71 @@ def test_channel_args_use_the_inherited_fds() -> None:
         "-chardev", "socket,id=console,fd=9", "-serial", "chardev:console"]
 
 
-def test_boot_args_kernel_initrd_append() -> None:
-    boot = Boot(kernel=Path("/i/vmlinuz"), initrd=Path("/i/initrd.cpio"),
-                append="console=ttyS0 quiet")
+def test_boot_args_kernel_initrd_append_and_cloud_disks() -> None:
+    boot = Boot(kernel=Path("/i/vmlinuz"), initrd=Path("/i/initrd.cpio"), append="quiet")
     assert boot_args(boot) == ["-kernel", "/i/vmlinuz", "-initrd", "/i/initrd.cpio",
-                               "-append", "console=ttyS0 quiet"]
+                               "-append", "quiet"]
     assert boot_args(Boot()) == []
-
-
-def test_boot_args_cloud_disk_and_seed() -> None:
-    boot = Boot(disk=Path("/r/overlay.qcow2"), seed=Path("/r/seed.iso"))
-    assert boot_args(boot) == [
+    assert boot_args(Boot(disk=Path("/r/overlay.qcow2"), seed=Path("/r/seed.iso"))) == [
         "-drive", "if=virtio,file=/r/overlay.qcow2,format=qcow2",
         "-drive", "if=virtio,file=/r/seed.iso,format=raw,readonly=on"]
 
 
-def test_build_argv_order_and_extra_args_last() -> None:
-    shm = IvshmemDoorbell(kind="ivshmem-doorbell", id="shm0")
+@BOTH
+def test_build_argv_order_and_extra_args_last(platform: Platform) -> None:
     vfio = VfioPci(kind="vfio-pci", id="nvme0", host="0000:00:05.0", no_kvm_msix=True)
-    vm = VM(name="guest0", devices=(net(), blk(), shm, vfio),
-            extra_args=("-trace", "vfio_msix_*", "-S"))
-    placed = place_devices(vm.devices)
-    resources = DeviceResources(disks={"disk0": Path("/r/disk0.img")},
-                                ivshmem_sockets={"shm0": Path("/r/shm.sock")})
-    boot = Boot(kernel=Path("/i/vmlinuz"), initrd=Path("/i/initrd"), append="console=ttyS0")
-    argv = build_argv(vm, "tcg", boot, placed, resources, qmp_fd=5, console_fd=6)
+    vm = VM(name="guest0", devices=(net(), blk(), vfio), extra_args=("-trace", "vfio_*", "-S"))
+    out = place_devices(vm.devices, platform)
+    scratch = {"disk0": Path("/r/disk0.img")}
+    boot = Boot(kernel=Path("/i/vmlinuz"), initrd=Path("/i/initrd"), append="x")
+    argv = build_argv(platform, vm, "tcg", boot, out, scratch, qmp_fd=5, console_fd=6)
 
-    expected = (machine_args(vm, "tcg") + channel_args(5, 6) + boot_args(boot)
-                + virtio_net_args(placed[0])
-                + virtio_blk_args(placed[1], Path("/r/disk0.img"))
-                + ivshmem_doorbell_args(placed[2], Path("/r/shm.sock"))
-                + vfio_pci_args(placed[3])
-                + ["-trace", "vfio_msix_*", "-S"])
+    expected = (machine_args(platform, vm, "tcg") + channel_args(5, 6) + boot_args(boot)
+                + device_args(out[0], scratch) + device_args(out[1], scratch)
+                + device_args(out[2], scratch) + ["-trace", "vfio_*", "-S"])
     assert argv == expected
-    assert argv[-3:] == ["-trace", "vfio_msix_*", "-S"]
     assert all_str(argv)
+    assert argv[0] == platform.qemu
     devices = [argv[i + 1] for i, a in enumerate(argv) if a == "-device"]
     assert [re.search(r"addr=(0x\w+)", d).group(1) for d in devices  # type: ignore[union-attr]
-            ] == ["0x03", "0x04", "0x05", "0x06"]
+            ] == ["0x03", "0x04", "0x05"]
+    bare = bare_boot_argv(platform, vm, "tcg", boot, 5, 6)
+    assert bare == argv[:len(bare)] and "-device" not in bare
+
+
+# --- the KVM probe and the lab's L1 go through the same builder -------------------------------
+
+
+@BOTH
+def test_kvm_probe_boots_the_kernel_alone_on_the_platform_console(platform: Platform) -> None:
+    argv = kvm_probe_argv(platform, None, Path("/k/vmlinuz"))
+    assert argv[0] == platform.qemu
+    assert argv[argv.index("-cpu") + 1] == "host"
+    assert ",accel=kvm" in argv[argv.index("-machine") + 1]
+    assert argv[argv.index("-kernel") + 1] == "/k/vmlinuz" and "-initrd" not in argv
+    append = argv[argv.index("-append") + 1]
+    assert f"console={platform.console}" in append and platform.early_console in append
+    assert kvm_probe_argv(platform, "/opt/q", Path("/k"))[0] == "/opt/q"
+
+
+def test_x86_lab_host_has_svm_vtd_first_and_the_nic_behind_the_iommu() -> None:
+    shares = [LabShare("hostroot", Path("/"), True, 3), LabShare("lab", Path("/r"), False, 4)]
+    argv = lab_host_argv(X86_64, Path("/k"), Path("/i"), shares, 5, 2048, 2)
+    assert argv[:8] == ["qemu-system-x86_64", "-name", "lab-l1", "-machine",
+                        "q35,kernel-irqchip=split,accel=tcg", "-cpu", "qemu64,+svm,+npt", "-smp"]
+    devices = [argv[i + 1] for i, a in enumerate(argv) if a == "-device"]
+    assert devices[0] == "intel-iommu,intremap=on,device-iotlb=on"
+    assert "intel_iommu=on" in argv[argv.index("-append") + 1]
+    assert ("local,id=hostroot,path=/,security_model=none,readonly=on,multidevs=remap"
+            in argv)
+    assert "local,id=lab,path=/r,security_model=none,multidevs=remap" in argv
+    assert devices[-1] == (f"virtio-net-pci,netdev=labnet,mac={device_mac('lab', 5)},"
+                           "disable-legacy=on,iommu_platform=on,ats=on,romfile=,addr=0x05")
+
+
+def test_arm64_lab_host_is_virt_at_el2_with_gicv4_and_smmuv3() -> None:
+    argv = lab_host_argv(ARM64, Path("/k"), Path("/i"), [], 2, 2048, 2)
+    machine = argv[argv.index("-machine") + 1]
+    assert machine == "virt,gic-version=4,its=on,virtualization=on,iommu=smmuv3,accel=tcg"
+    assert "kvm-arm.vgic_v4_enable=1" in argv[argv.index("-append") + 1]
+    assert "console=ttyAMA0" in argv[argv.index("-append") + 1]

@@ -18,7 +18,7 @@ KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIHarnessTestKeyOnlyxxxxxxxxxxxxxxxxxx
 
 
 def test_user_data_is_cloud_config_with_key_agent_and_markers() -> None:
-    text = user_data(KEY, "root")
+    text = user_data(KEY, "root", "ttyS0")
     assert text.startswith("#cloud-config\n")
     config = yaml.safe_load(text)
     assert config["disable_root"] is False
@@ -29,10 +29,13 @@ def test_user_data_is_cloud_config_with_key_agent_and_markers() -> None:
     assert base64.b64decode(agent["content"]) == shipped
     assert "harness-init: start" in config["bootcmd"][0][2]
     assert "harness-hostkey:" in config["runcmd"][0][2]
+    assert "> /dev/ttyS0" in config["runcmd"][0][2]
+    other = yaml.safe_load(user_data(KEY, "root", "ttyAMA0"))
+    assert "> /dev/ttyAMA0" in other["bootcmd"][0][2] and "ttyS0" not in other["runcmd"][0][2]
 
 
 def test_a_non_root_user_gets_sudo_and_root_stays_locked() -> None:
-    config = yaml.safe_load(user_data(KEY, "debian"))
+    config = yaml.safe_load(user_data(KEY, "debian", "ttyS0"))
     assert config["disable_root"] is True
     assert config["users"][0]["sudo"] == "ALL=(ALL) NOPASSWD:ALL"
 
@@ -40,7 +43,7 @@ def test_a_non_root_user_gets_sudo_and_root_stays_locked() -> None:
 @pytest.mark.skipif(shutil.which("isoinfo") is None,
                     reason="host capability missing: isoinfo (genisoimage package)")
 def test_seed_is_a_cidata_iso_holding_both_files(tmp_path: Path) -> None:
-    iso = make_seed(tmp_path, "vm0", KEY, "root")
+    iso = make_seed(tmp_path, "vm0", KEY, "root", "ttyS0")
     info = subprocess.run(["isoinfo", "-d", "-i", str(iso)], capture_output=True, text=True,
                           check=True).stdout
     assert "Volume id: cidata" in info

@@ -25,7 +25,6 @@ from harness.config import (
     DeliveryPath,
     E1000e,
     Expectation,
-    IvshmemDoorbell,
     KernelImage,
     Scenario,
     Timeouts,
@@ -59,12 +58,11 @@ def test_full_scenario_builds_exactly_the_model() -> None:
         vms=(
             VM(
                 name="host-a", machine="q35", accel=Accel.KVM, cpus=4, memory_mib=1024,
-                image=BuiltinImage(kind="builtin", recipe="debian-cloud"),
+                image=BuiltinImage(kind="builtin", recipe="debian-generic"),
                 devices=(
                     VirtioNet(kind="virtio-net", id="net0", addr=0x03),
                     E1000e(kind="e1000e", id="nic1", ssh=False),
                     VirtioBlk(kind="virtio-blk", id="disk0", size_mib=16),
-                    IvshmemDoorbell(kind="ivshmem-doorbell", id="bell0", vectors=4, size_mib=2),
                     VfioPci(kind="vfio-pci", id="nvme0", host="0000:00:05.0", addr=0x10,
                             no_kvm_msix=True, no_kvm_msi=False),
                 ),
@@ -183,7 +181,8 @@ INVALID: list[tuple[str, str, bool]] = [
     # keys
     ("bad-unknown-key.yaml",
      "bad-unknown-key.yaml:4: vms[0].cpu: unknown key (did you mean 'cpus'?); allowed keys: "
-     "name, machine, accel, cpus, memory_mib, image, devices, append, qemu, extra_args", True),
+     "name, arch, machine, accel, cpus, memory_mib, image, devices, append, qemu, extra_args",
+     True),
     ("bad-unknown-top-key.yaml",
      "bad-unknown-top-key.yaml:6: workload: unknown key (did you mean 'workloads'?); allowed "
      "keys: name, vms, description, workloads, expect, timeouts", True),
@@ -228,11 +227,11 @@ INVALID: list[tuple[str, str, bool]] = [
      True),
     ("bad-device-kind.yaml",
      "bad-device-kind.yaml:7: vms[0].devices[1].kind: unknown kind 'virtio-nett' (did you mean "
-     "'virtio-net'?); allowed kinds: virtio-net, e1000e, virtio-blk, ivshmem-doorbell, vfio-pci",
+     "'virtio-net'?); allowed kinds: virtio-net, e1000e, virtio-blk, vfio-pci",
      True),
     ("bad-missing-kind.yaml",
      "bad-missing-kind.yaml:6: vms[0].devices[1].kind: missing required key; allowed kinds: "
-     "virtio-net, e1000e, virtio-blk, ivshmem-doorbell, vfio-pci", True),
+     "virtio-net, e1000e, virtio-blk, vfio-pci", True),
     # constraints
     ("bad-out-of-range.yaml", "bad-out-of-range.yaml:4: vms[0].cpus: must be at most 64, got 65",
      True),
@@ -441,11 +440,13 @@ def test_schema_shape() -> None:
                                         "minimum": 1, "maximum": 64, "default": 2}
     assert vm["properties"]["devices"]["items"]["oneOf"] == [
         {"$ref": f"#/$defs/{name}"}
-        for name in ("VirtioNet", "E1000e", "VirtioBlk", "IvshmemDoorbell", "VfioPci")]
-    assert vm["properties"]["image"]["default"] == {"kind": "builtin", "recipe": "debian-cloud"}
+        for name in ("VirtioNet", "E1000e", "VirtioBlk", "VfioPci")]
+    assert vm["properties"]["image"]["default"] == {"kind": "builtin", "recipe": None}
+    assert vm["properties"]["arch"]["anyOf"][0] == {"$ref": "#/$defs/Arch"}
+    assert defs["Arch"]["enum"] == ["x86_64", "arm64"]
     assert defs["VirtioNet"]["properties"]["kind"] == {"const": "virtio-net"}
     assert defs["VirtioNet"]["properties"]["addr"]["type"] == ["integer", "null"]
-    assert defs["Accel"] == {"type": "string", "enum": ["auto", "kvm", "tcg"]}
+    assert defs["Accel"]["enum"] == ["auto", "kvm", "tcg"]
     assert defs["CloudImage"]["properties"]["format"]["enum"] == ["qcow2", "raw"]
     assert defs["Workload"]["properties"]["timeout_s"]["exclusiveMinimum"] == 0
     assert defs["Scenario"]["properties"]["vms"]["minItems"] == 1

@@ -14,23 +14,20 @@ from pathlib import Path
 
 import pytest
 
-from harness.host.accel import KvmProbe
+from harness.host.accel import KvmProbe, kvm_probe
 from harness.host.iommu import (
-    HostView,
     IommuVendor,
-    KernelLog,
     PostingVerdict,
-    parse_module_bool,
     probe_iommu,
 )
 from harness.host.pci import check_assignable, parse_msi_capability, read_pci_device
 from harness.host.preflight import (
     DeviceVerdict,
-    default_kvm_probe,
     format_preflight,
     preflight,
     preflight_to_dict,
 )
+from harness.host.view import HostView, KernelLog, parse_module_bool
 
 DATA = Path(__file__).resolve().parents[1] / "data"
 HOSTS = DATA / "hosts"
@@ -601,7 +598,7 @@ def test_this_machine() -> None:
     assert report.iommu.posting.verdict == PostingVerdict.NOT_POSSIBLE
     assert "no IOMMU" in report.summary
     # Whatever the probe finds here, the report must say it plainly.
-    probe = default_kvm_probe()()
+    probe = kvm_probe()()
     assert report.accel.kvm_usable is probe.usable
     if probe.usable:
         assert report.summary.startswith("KVM usable")

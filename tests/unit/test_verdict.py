@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import pytest
 
+from harness.bypass.tracker import Wiring
 from harness.config import load_scenario_text
 from harness.config.model import DeliveryPath, Expectation
 from harness.verdict import (
     BOUNCE_MIN_RATIO,
     POSTED_MAX_RATIO,
     VectorVerdict,
-    Wiring,
     check,
     classify,
 )

@@ -1,0 +1,161 @@
+"""Device kinds: each one class carrying its scenario keys and everything dispatched on it.
+
+A kind says, in one place: its fields (the scenario format; the loader and the JSON Schema
+read them), its QEMU arguments, whether QEMU emulates it or the host assigns it, the guest
+driver modules it needs, and whether it is a NIC the harness can reach the guest through.
+Adding a kind is a class here and its entry in :data:`Device`; nothing else dispatches on
+kinds, and no kind can reach another kind's arguments.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, ClassVar, Literal
+
+from harness.config.fields import doc
+from harness.qemu.options import qemu_options
+
+if TYPE_CHECKING:
+    from harness.qemu.argv import PlacedDevice
+
+# QEMU's rule for ids (id_wellformed); anything else, a comma above all, breaks -device options.
+DEVICE_ID = r"^[A-Za-z][A-Za-z0-9._-]*$"
+# A /24 is all slirp's guest (.15) and gateway (.2) addresses need.
+NETWORK = r"^(25[0-5]|2[0-4][0-9]|1?[0-9]?[0-9])(\.(25[0-5]|2[0-4][0-9]|1?[0-9]?[0-9])){2}\.0/24$"
+DEFAULT_NETWORK = "10.0.2.0/24"
+SSH_GUEST_PORT = 22
+
+_ADDR_DOC = "PCI slot on the root bus (default: the lowest free one from 0x03)"
+
+
+class _Kind:
+    """What every kind answers; the defaults are those of an emulated non-NIC device."""
+
+    kind: str
+    id: str
+    addr: int | None
+    emulated: ClassVar[bool] = True  # QEMU raises its interrupts (no host device IRQ)
+    guest_modules: ClassVar[tuple[str, ...]] = ()  # drivers the guest kernel must have
+    nic: ClassVar[bool] = False
+
+    def ssh_nic(self) -> bool:
+        """The harness reaches the guest through this device."""
+        return False
+
+    @property
+    def assigned_host(self) -> str | None:
+        """The host PCI address of an assigned device."""
+        return None
+
+    def scratch_size(self) -> int | None:
+        """Bytes of a scratch file QEMU backs the device with, if it needs one."""
+        return None
+
+    def qemu_args(self, placed: PlacedDevice, scratch: Path | None) -> list[str]:
+        raise NotImplementedError
+
+
+class _UserNic(_Kind):
+    """A NIC on QEMU's user-mode network; the SSH NIC forwards the guest's port 22."""
+
+    nic: ClassVar[bool] = True
+    ssh: bool
+    network: str
+    qemu_model: ClassVar[str]
+
+    def ssh_nic(self) -> bool:
+        return self.ssh
+
+    def qemu_args(self, placed: PlacedDevice, scratch: Path | None) -> list[str]:
+        # hostfwd to port 0: slirp binds an ephemeral port on 127.0.0.1 and reports it
+        # through "info usernet", so the port is chosen by the kernel, not raced for.
+        fwd = f",hostfwd=tcp:127.0.0.1:0-:{SSH_GUEST_PORT}" if self.ssh else ""
+        net = f",net={self.network}" if self.network != DEFAULT_NETWORK else ""
+        return ["-netdev", f"user,id={self.id}{net}{fwd}",
+                "-device", qemu_options(self.qemu_model, {
+                    "netdev": self.id, "id": self.id, "mac": placed.mac,
+                    "addr": placed.addr, **placed.platform.nic_options})]
+
+
+@dataclass(frozen=True)
+class VirtioNet(_UserNic):
+    kind: Literal["virtio-net"]
+    id: str = field(metadata=doc("device id, unique in the VM; used by expectations",
+                                  pattern=DEVICE_ID))
+    addr: int | None = field(default=None, metadata=doc(_ADDR_DOC))
+    ssh: bool = field(default=True, metadata=doc(
+        "forward the guest's SSH port over this NIC (user-mode network, 127.0.0.1 only)"))
+    network: str = field(default=DEFAULT_NETWORK, metadata=doc(
+        "the user-mode network's IPv4 subnet (the guest is .15, the gateway .2); change it "
+        "when a second NIC of the guest sits on another 10.0.2.0/24", pattern=NETWORK))
+
+    qemu_model: ClassVar[str] = "virtio-net-pci"
+    guest_modules: ClassVar[tuple[str, ...]] = ("virtio_pci", "virtio_net")
+
+
+@dataclass(frozen=True)
+class E1000e(_UserNic):
+    kind: Literal["e1000e"]
+    id: str = field(metadata=doc("device id, unique in the VM", pattern=DEVICE_ID))
+    addr: int | None = field(default=None, metadata=doc(_ADDR_DOC))
+    ssh: bool = field(default=False, metadata=doc(
+        "forward the guest's SSH port over this NIC"))
+    network: str = field(default=DEFAULT_NETWORK, metadata=doc(
+        "the user-mode network's IPv4 subnet (the guest is .15, the gateway .2)",
+        pattern=NETWORK))
+
+    qemu_model: ClassVar[str] = "e1000e"
+    guest_modules: ClassVar[tuple[str, ...]] = ("e1000e",)
+
+
+@dataclass(frozen=True)
+class VirtioBlk(_Kind):
+    kind: Literal["virtio-blk"]
+    id: str = field(metadata=doc("device id, unique in the VM", pattern=DEVICE_ID))
+    addr: int | None = field(default=None, metadata=doc(_ADDR_DOC))
+    size_mib: int = field(default=8, metadata=doc("size of the scratch disk (a sparse raw file)",
+                                                  minimum=1, maximum=65536))
+
+    guest_modules: ClassVar[tuple[str, ...]] = ("virtio_pci", "virtio_blk")
+
+    def scratch_size(self) -> int | None:
+        return self.size_mib << 20
+
+    def qemu_args(self, placed: PlacedDevice, scratch: Path | None) -> list[str]:
+        if scratch is None:
+            raise ValueError(f"virtio-blk {self.id}: no scratch disk given")
+        return ["-blockdev", qemu_options("driver=file", {"node-name": f"{self.id}-file",
+                                                          "filename": scratch}),
+                "-blockdev", qemu_options("driver=raw", {"node-name": f"{self.id}-fmt",
+                                                         "file": f"{self.id}-file"}),
+                "-device", qemu_options("virtio-blk-pci", {"drive": f"{self.id}-fmt",
+                                                            "id": self.id,
+                                                            "addr": placed.addr})]
+
+
+@dataclass(frozen=True)
+class VfioPci(_Kind):
+    kind: Literal["vfio-pci"]
+    id: str = field(metadata=doc("device id, unique in the VM", pattern=DEVICE_ID))
+    host: str = field(metadata=doc("host PCI address, e.g. 0000:00:05.0",
+                                   pattern=r"^[0-9a-fA-F]{4}:[0-9a-fA-F]{2}:[0-9a-fA-F]{2}\.[0-7]$"))
+    addr: int | None = field(default=None, metadata=doc("PCI slot on the guest's root bus"))
+    no_kvm_msix: bool = field(default=False, metadata=doc(
+        "x-no-kvm-msix=on: QEMU handles MSI-X in user space (no KVM irqfd)"))
+    no_kvm_msi: bool = field(default=False, metadata=doc("x-no-kvm-msi=on"))
+
+    emulated: ClassVar[bool] = False
+
+    @property
+    def assigned_host(self) -> str | None:
+        return self.host
+
+    def qemu_args(self, placed: PlacedDevice, scratch: Path | None) -> list[str]:
+        return ["-device", qemu_options("vfio-pci", {
+            "host": self.host, "id": self.id, "addr": placed.addr,
+            "x-no-kvm-msix": True if self.no_kvm_msix else None,
+            "x-no-kvm-msi": True if self.no_kvm_msi else None})]
+
+
+Device = VirtioNet | E1000e | VirtioBlk | VfioPci

@@ -1,0 +1,245 @@
+"""One frozen description per guest architecture; the only place that names one.
+
+A :class:`Platform` says everything that differs between architectures: the QEMU binary and
+machine, the console, the kernel image format and how its release is read, the PCI slots,
+the Debian package architecture of the image recipes, the firmware, the emulated host of the
+lab, and which host evidence sources apply.  It is chosen once per VM (the scenario's
+``arch``, default: this host's) and passed down; code elsewhere asks the platform instead of
+testing for an architecture.  Adding one is a new entry in :data:`PLATFORMS` plus a recipe.
+"""
+
+from __future__ import annotations
+
+import enum
+import gzip
+import platform as _pyplatform
+import re
+import struct
+import zlib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import MappingProxyType
+
+from harness.errors import HostError, ImageError
+
+
+class Arch(enum.StrEnum):
+    """A guest architecture, as scenarios name it (Debian's names)."""
+
+    X86_64 = "x86_64"
+    ARM64 = "arm64"
+
+
+class PostingModel(enum.StrEnum):
+    """How a host of the architecture posts a device's MSI straight to a vCPU."""
+
+    IRTE = "irte"  # the IOMMU's interrupt remapping entry in posted mode (VT-d PI, AMD GA)
+    VLPI = "vlpi"  # the GICv4 ITS maps the MSI as a virtual LPI (direct injection)
+
+
+class Accel(enum.StrEnum):
+    """How QEMU runs the guest's CPUs."""
+
+    AUTO = "auto"
+    KVM = "kvm"
+    TCG = "tcg"
+
+
+# --- kernel image formats ------------------------------------------------------------------
+
+_BANNER = re.compile(rb"Linux version (\S+) \(")
+_MAX_KERNEL_BYTES = 256 << 20  # a decompressed kernel image is far below this
+
+
+def bzimage_release(path: Path) -> str:
+    """The release from an x86 bzImage's setup header (the ``kernel_version`` field)."""
+    head = _read_head(path, 0x8000)
+    if len(head) < 0x210 or head[0x202:0x206] != b"HdrS":
+        raise ImageError(f"{path}: not a bzImage (no 'HdrS' setup header)")
+    offset = struct.unpack_from("<H", head, 0x20E)[0] + 0x200
+    text = head[offset:offset + 256].split(b"\0")[0].decode(errors="replace")
+    if not text:
+        raise ImageError(f"{path}: the bzImage carries no version string")
+    return text.split()[0]
+
+
+def arm64_image_release(path: Path) -> str:
+    """The release from an arm64 ``Image`` (raw, or gzip-compressed as Debian ships it).
+
+    The Image header carries no version, so the kernel's banner is searched for; a gzip
+    stream is inflated in bounded steps, never whole into memory beyond the image's size.
+    """
+    head = _read_head(path, 64)
+    if head[:2] == b"\x1f\x8b":
+        try:
+            with gzip.open(path, "rb") as fh:
+                data = fh.read(_MAX_KERNEL_BYTES)
+        except (OSError, EOFError, zlib.error) as exc:
+            raise ImageError(f"{path}: not a readable gzip-compressed Image: {exc}") from exc
+    elif len(head) >= 0x3C and head[0x38:0x3C] == b"ARM\x64":
+        data = path.read_bytes()[:_MAX_KERNEL_BYTES]
+    else:
+        raise ImageError(f"{path}: not an arm64 Image (no 'ARM\\x64' magic, not gzip)")
+    found = _BANNER.search(data)
+    if found is None:
+        raise ImageError(f"{path}: the Image carries no 'Linux version' banner")
+    return found.group(1).decode(errors="replace")
+
+
+def _read_head(path: Path, size: int) -> bytes:
+    try:
+        with open(path, "rb") as fh:
+            return fh.read(size)
+    except OSError as exc:
+        raise ImageError(f"{path}: cannot read the kernel: {exc.strerror}") from exc
+
+
+@dataclass(frozen=True)
+class KernelFormat:
+    name: str  # as users know it: "bzImage", "Image"
+    release: Callable[[Path], str]
+
+
+# --- the lab's emulated host ----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LabHost:
+    """How L0 emulates a host with KVM, an IOMMU and VFIO on this architecture (TCG)."""
+
+    cpu: str
+    machine_options: Mapping[str, str]
+    pre_devices: tuple[str, ...]  # -device values that must come before any PCI device
+    append: str  # kernel arguments that switch on the IOMMU / KVM features
+    device_options: Mapping[str, str]  # for the assigned NIC: its DMA and MSIs via the IOMMU
+    what: str  # one line for progress output
+    recipe: str  # the image recipe of L1's kernel and initramfs
+
+
+# --- platforms ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Platform:
+    """Everything architecture-specific about booting and observing a guest."""
+
+    arch: Arch
+    uname: str  # what ``uname -m`` prints on such a host
+    qemu: str  # the QEMU system emulator binary
+    qemu_package: str  # the Debian package that brings it
+    machine: str  # QEMU machine type
+    machine_options: Mapping[str, str]  # always set on that machine type
+    tcg_cpu: str | None  # CPU model under TCG (None: QEMU's default)
+    console: str  # the guest kernel's console device
+    early_console: str  # kernel arguments that print the banner as early as possible
+    kernel_format: KernelFormat
+    slots: range  # PCI slots on the root bus a device may take
+    first_auto_slot: int  # automatic placement starts here
+    package_arch: str  # Debian's name, for the image recipes' packages
+    multiarch: str  # the Debian multiarch triplet (library paths)
+    recipes: tuple[str, ...]  # builtin recipes, cheapest first
+    firmware: str  # what runs before the kernel (for the report)
+    disk_boot: bool  # can boot a disk image (cloud images) with the installed firmware
+    tracepoints: tuple[str, ...]  # host tracepoints that witness the posted path
+    posting: str  # the posted-interrupt mechanism, for messages
+    posting_model: PostingModel
+    kvm_vendor_modules: tuple[str, ...]  # KVM needs one of these loaded (none: KVM itself)
+    boot_log: re.Pattern[str]  # kernel log lines only a host of this architecture prints
+    lab: LabHost
+    nic_options: Mapping[str, str] = field(default_factory=dict)  # on every emulated NIC
+
+    def __repr__(self) -> str:
+        return f"<Platform {self.arch.value}>"
+
+    def kernel_release(self, path: Path) -> str:
+        return self.kernel_format.release(path)
+
+
+def _frozen(**values: str) -> Mapping[str, str]:
+    return MappingProxyType(dict(values))
+
+
+X86_64 = Platform(
+    arch=Arch.X86_64, uname="x86_64", qemu="qemu-system-x86_64",
+    qemu_package="qemu-system-x86", machine="q35", machine_options=_frozen(),
+    tcg_cpu=None, console="ttyS0", early_console="earlyprintk=serial,ttyS0",
+    kernel_format=KernelFormat("bzImage", bzimage_release),
+    # q35: 0x00 is the host bridge; ICH9's LPC, SATA and SMBus functions sit at 0x1f.
+    slots=range(0x01, 0x1F), first_auto_slot=0x03,
+    package_arch="amd64", multiarch="x86_64-linux-gnu",
+    recipes=("debian-cloud", "debian-generic"),
+    firmware="SeaBIOS (QEMU's default)", disk_boot=True,
+    tracepoints=("kvm/kvm_pi_irte_update",),
+    posting="Intel VT-d posted interrupts / AMD AVIC", posting_model=PostingModel.IRTE,
+    kvm_vendor_modules=("kvm_intel", "kvm_amd"),
+    boot_log=re.compile(r"^(?:x86/|DMAR|AMD-Vi|smpboot: CPU0: (?:Intel|AMD)|x2apic)"),
+    lab=LabHost(
+        # SVM on the vCPU model gives L1 a KVM (kvm_amd, nested under TCG); QEMU's
+        # intel-iommu needs the split irqchip for interrupt remapping.
+        cpu="qemu64,+svm,+npt", machine_options=_frozen(**{"kernel-irqchip": "split"}),
+        pre_devices=("intel-iommu,intremap=on,device-iotlb=on",), append="intel_iommu=on",
+        device_options=_frozen(iommu_platform="on", ats="on", romfile=""),
+        what="TCG, SVM, VT-d with IRQ remapping", recipe="lab-host"),
+)
+
+ARM64 = Platform(
+    arch=Arch.ARM64, uname="aarch64", qemu="qemu-system-aarch64",
+    qemu_package="qemu-system-arm", machine="virt",
+    # GICv3 with an ITS: MSIs are LPIs, as on Arm servers.
+    machine_options=_frozen(**{"gic-version": "3", "its": "on"}),
+    # pauth-impdef: QEMU's cheap pointer-authentication hash; the architected one costs
+    # TCG a large share of its time.
+    tcg_cpu="max,pauth-impdef=on", console="ttyAMA0", early_console="earlycon",
+    kernel_format=KernelFormat("Image", arm64_image_release),
+    slots=range(0x01, 0x20), first_auto_slot=0x03,
+    package_arch="arm64", multiarch="aarch64-linux-gnu",
+    recipes=("debian-cloud-arm64",),
+    firmware="none: QEMU loads the kernel directly", disk_boot=False,
+    tracepoints=(), posting="GICv4 direct injection (vLPIs)", posting_model=PostingModel.VLPI,
+    kvm_vendor_modules=(),
+    boot_log=re.compile(r"^(?:Booting Linux on physical CPU|GICv3:|ITS[ @]"
+                        r"|kvm \[\d+\]: (?:GIC|VHE|Hyp|nVHE|IPA))"),
+    lab=LabHost(
+        cpu="max,pauth-impdef=on",
+        machine_options=_frozen(**{"gic-version": "4", "its": "on", "virtualization": "on",
+                                   "iommu": "smmuv3"}),
+        pre_devices=(), append="kvm-arm.vgic_v4_enable=1",
+        device_options=_frozen(iommu_platform="on", romfile=""),
+        what="TCG at EL2, GICv4, SMMUv3", recipe="lab-host-arm64"),
+    # No firmware loads option ROMs on this machine: do not ask QEMU to find one.
+    nic_options=_frozen(romfile=""),
+)
+
+PLATFORMS: Mapping[Arch, Platform] = MappingProxyType({p.arch: p for p in (X86_64, ARM64)})
+
+
+def platform_for(arch: Arch | str | None) -> Platform:
+    """The platform of a scenario's ``arch`` (None: this host's own)."""
+    if arch is None:
+        return host_platform()
+    return PLATFORMS[Arch(arch)]
+
+
+def recipe_platform(recipe: str) -> Platform:
+    """The platform whose packages an image recipe is made of (this host's if none names it:
+    a user's own recipe)."""
+    for candidate in PLATFORMS.values():
+        if recipe in candidate.recipes or recipe == candidate.lab.recipe:
+            return candidate
+    return host_platform()
+
+
+def platform_of_uname(machine: str) -> Platform | None:
+    """The platform whose hosts' ``uname -m`` prints ``machine``, if the harness knows it."""
+    return next((p for p in PLATFORMS.values() if p.uname == machine), None)
+
+
+def host_platform(machine: str | None = None) -> Platform:
+    """This host's platform (from ``uname -m``, or the given machine name)."""
+    name = machine or _pyplatform.machine()
+    for candidate in PLATFORMS.values():
+        if candidate.uname == name:
+            return candidate
+    raise HostError("host", f"architecture {name!r} is not supported; the harness knows "
+                    f"{', '.join(p.uname for p in PLATFORMS.values())}")

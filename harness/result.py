@@ -1,0 +1,79 @@
+"""What a run produced, as frozen values: every report format is written from a RunResult.
+
+It lives apart from the runner so that ``report/`` depends on the values, not on the code
+that makes them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any
+
+from harness.config.model import Scenario
+from harness.errors import HarnessError
+from harness.verdict import ExpectationResult, VectorVerdict
+
+
+@dataclass(frozen=True)
+class Phase:
+    name: str
+    seconds: float
+
+
+@dataclass(frozen=True)
+class WorkloadResult:
+    vm: str
+    name: str
+    argv: tuple[str, ...]
+    exit_status: int
+    seconds: float
+    output_tail: str
+
+
+@dataclass(frozen=True)
+class VMSummary:
+    name: str
+    arch: str
+    qemu: str
+    accel: str
+    accel_reason: str
+    kernel_release: str
+    image_key: str
+    ssh_port: int | None
+    devices: tuple[tuple[str, str, str], ...]  # (id, kind, guest BDF)
+
+
+@dataclass(frozen=True)
+class HostFindings:
+    """The host's side of an assigned-device run: bypass wiring per vector and notes."""
+
+    wiring: tuple[Mapping[str, Any], ...] = ()
+    notes: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class RunResult:
+    scenario: Scenario
+    scenario_file: str
+    run_dir: Path
+    started: float  # time.time()
+    phases: tuple[Phase, ...] = ()
+    vms: tuple[VMSummary, ...] = ()
+    workloads: tuple[WorkloadResult, ...] = ()
+    verdicts: tuple[VectorVerdict, ...] = ()
+    expectations: tuple[ExpectationResult, ...] = ()
+    error: HarnessError | None = None
+    console_tails: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
+    host: HostFindings = HostFindings()
+
+    @property
+    def passed(self) -> bool:
+        return (self.error is None and all(w.exit_status == 0 for w in self.workloads)
+                and all(e.passed for e in self.expectations))
+
+    @property
+    def total_seconds(self) -> float:
+        return sum(p.seconds for p in self.phases)
