@@ -143,9 +143,13 @@ class GuestVM:
         assert self.image is not None
         nic = self._ssh_nic()
         address, gateway = nic.guest_address()
+        # Every other NIC gets its address too (no default route: that is the SSH NIC's), so
+        # a workload can use it at once: 10.0.3.2 is the second NIC's gateway, and so on.
+        others = [f"harness.nic={p.mac},{p.guest_address()[0]}" for p in self.placed
+                  if p.device.nic and p is not nic]
         append = " ".join(filter(None, [
             qargv.base_append(self.platform), f"harness.net={nic.mac}", f"harness.ip={address}",
-            f"harness.gw={gateway}",
+            f"harness.gw={gateway}", *others,
             f"harness.ssh_key={client_key.public_b64}", self.spec.append]))
         return qargv.Boot(kernel=self.image.kernel, initrd=self.image.initrd,
                           append=append), "root"

@@ -27,6 +27,9 @@ DEFAULT_NETWORK = "10.0.2.0/24"
 SSH_GUEST_PORT = 22
 
 _ADDR_DOC = "PCI slot on the root bus (default: the lowest free one from 0x03)"
+_NETWORK_DOC = ("this NIC's own user-mode network, an IPv4 /24 (the guest is .15, the gateway "
+                ".2); default: 10.0.2.0/24 for the VM's first NIC, 10.0.3.0/24 for its second, "
+                "and so on (the lowest one no NIC of the VM names)")
 
 
 class _Kind:
@@ -61,7 +64,7 @@ class _UserNic(_Kind):
 
     nic: ClassVar[bool] = True
     ssh: bool
-    network: str
+    network: str | None
     qemu_model: ClassVar[str]
 
     def ssh_nic(self) -> bool:
@@ -71,7 +74,8 @@ class _UserNic(_Kind):
         # hostfwd to port 0: slirp binds an ephemeral port on 127.0.0.1 and reports it
         # through "info usernet", so the port is chosen by the kernel, not raced for.
         fwd = f",hostfwd=tcp:127.0.0.1:0-:{SSH_GUEST_PORT}" if self.ssh else ""
-        net = f",net={self.network}" if self.network != DEFAULT_NETWORK else ""
+        network = placed.network or DEFAULT_NETWORK
+        net = f",net={network}" if network != DEFAULT_NETWORK else ""
         return ["-netdev", f"user,id={self.id}{net}{fwd}",
                 "-device", qemu_options(self.qemu_model, {
                     "netdev": self.id, "id": self.id, "mac": placed.mac,
@@ -86,9 +90,7 @@ class VirtioNet(_UserNic):
     addr: int | None = field(default=None, metadata=doc(_ADDR_DOC))
     ssh: bool = field(default=True, metadata=doc(
         "forward the guest's SSH port over this NIC (user-mode network, 127.0.0.1 only)"))
-    network: str = field(default=DEFAULT_NETWORK, metadata=doc(
-        "the user-mode network's IPv4 subnet (the guest is .15, the gateway .2); change it "
-        "when a second NIC of the guest sits on another 10.0.2.0/24", pattern=NETWORK))
+    network: str | None = field(default=None, metadata=doc(_NETWORK_DOC, pattern=NETWORK))
 
     qemu_model: ClassVar[str] = "virtio-net-pci"
     guest_modules: ClassVar[tuple[str, ...]] = ("virtio_pci", "virtio_net")
@@ -101,9 +103,7 @@ class E1000e(_UserNic):
     addr: int | None = field(default=None, metadata=doc(_ADDR_DOC))
     ssh: bool = field(default=False, metadata=doc(
         "forward the guest's SSH port over this NIC"))
-    network: str = field(default=DEFAULT_NETWORK, metadata=doc(
-        "the user-mode network's IPv4 subnet (the guest is .15, the gateway .2)",
-        pattern=NETWORK))
+    network: str | None = field(default=None, metadata=doc(_NETWORK_DOC, pattern=NETWORK))
 
     qemu_model: ClassVar[str] = "e1000e"
     guest_modules: ClassVar[tuple[str, ...]] = ("e1000e",)

@@ -383,6 +383,7 @@ class _Checker:
         ids: dict[str, int] = {}
         slots: dict[int, int] = {}
         ssh_nics: list[int] = []
+        networks: dict[str, int] = {}
         for j, device in enumerate(vm.devices):
             dev = f"{path}.devices[{j}]"
             if device.id in ids:
@@ -404,6 +405,14 @@ class _Checker:
                 slots[device.addr] = j
             if device.ssh_nic():
                 ssh_nics.append(j)
+            network = getattr(device, "network", None)
+            if network is not None:
+                if network in networks:
+                    first = self.line(f"{path}.devices[{networks[network]}].network")
+                    raise self.error(f"{dev}.network", f"{network} is already the network of "
+                                     f"{vm.devices[networks[network]].id!r} (line {first}); "
+                                     "each NIC of a VM needs its own")
+                networks[network] = j
         if len(ssh_nics) > 1:
             one, two = (vm.devices[j] for j in ssh_nics[:2])
             raise self.error(f"{path}.devices[{ssh_nics[1]}].ssh",

@@ -38,6 +38,7 @@ class PlacedDevice:
     device: Device
     slot: int
     platform: Platform
+    network: str | None = None  # a NIC's user-mode network (a /24), None for other devices
 
     @property
     def bdf(self) -> str:
@@ -54,7 +55,7 @@ class PlacedDevice:
 
     def guest_address(self) -> tuple[str, str]:
         """(address/prefix, gateway) of the guest on this NIC's user-mode network."""
-        prefix = getattr(self.device, "network", DEFAULT_NETWORK).rsplit(".", 1)[0]
+        prefix = (self.network or DEFAULT_NETWORK).rsplit(".", 1)[0]
         return f"{prefix}.15/24", f"{prefix}.2"
 
 
@@ -63,14 +64,23 @@ def place_devices(devices: Sequence[Device], platform: Platform) -> tuple[Placed
     taken = {d.addr for d in devices if d.addr is not None}
     auto = range(platform.first_auto_slot, platform.slots.stop)
     free = iter([slot for slot in auto if slot not in taken])
+    networks = iter(_free_networks(devices))
     placed = []
     for d in devices:
         slot = d.addr if d.addr is not None else next(free, None)
         if slot is None:
             raise UsageError(f"device {d.id}: no free slot on the root bus "
                              f"({auto.start:#04x}..{auto.stop - 1:#04x}); give fewer devices")
-        placed.append(PlacedDevice(d, slot, platform))
+        network = (getattr(d, "network", None) or next(networks)) if d.nic else None
+        placed.append(PlacedDevice(d, slot, platform, network))
     return tuple(placed)
+
+
+def _free_networks(devices: Sequence[Device]) -> list[str]:
+    """The /24s a NIC without its own ``network`` gets, in order: 10.0.2.0, 10.0.3.0, ...
+    skipping those another NIC of the VM names."""
+    taken = {getattr(d, "network", None) for d in devices}
+    return [net for net in (f"10.0.{n}.0/24" for n in range(2, 256)) if net not in taken]
 
 
 def device_mac(device_id: str, slot: int) -> str:

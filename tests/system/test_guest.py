@@ -296,3 +296,45 @@ def test_two_guests_boot_side_by_side_and_are_counted_apart(tmp_path: Path) -> N
     inputs = {v.vm: v.guest_delta for v in result.verdicts if v.name == "virtio0-input.0"}
     assert inputs["a"] >= 30
     assert inputs["b"] < inputs["a"], "b's counts must not include a's workload"
+
+
+def test_e1000e_beside_virtio_and_a_second_vm_pass_with_the_default_setup(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """configs/mixed-nics.yaml: e1000e's driver is only in the generic kernel, which the
+    harness picks for that VM by itself; its vectors are counted and judged."""
+    code = main(["run", str(REPO / "configs" / "mixed-nics.yaml"), "--out", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    (run_dir,) = tmp_path.iterdir()
+    report = json.loads((run_dir / "report.json").read_text())
+    lan = [v for v in report["vectors"] if v["vm"] == "nics" and v["device"] == "lan0"]
+    assert sum(v["evidence"]["guest_delta"] for v in lan) >= 100  # rx + tx of 100 pings
+    assert {v["path"] for v in lan if v["evidence"]["guest_delta"] > 0} == {"emulated"}
+    kernels = {vm["name"]: vm["kernel_release"] for vm in report["vms"]}
+    assert not kernels["nics"].endswith("-cloud-amd64") and kernels["disk"].endswith("-cloud-amd64")
+
+
+def test_e1000e_as_the_ssh_nic(tmp_path: Path) -> None:
+    from harness.config.model import E1000e
+
+    spec = smoke_vm(name="t6", devices=(E1000e(kind="e1000e", id="lan0", ssh=True),))
+    with GuestVM(spec, tmp_path) as vm:
+        vm.boot()
+        assert vm.recipe().name == "debian-generic"
+        done = vm.run(["cat", "/sys/class/net/eth0/device/vendor"], 30)
+        assert done.stdout.strip() == "0x8086"  # Intel: the e1000e carries the SSH session
+
+
+def test_a_nic_whose_driver_is_missing_fails_at_once_with_the_console_line(
+        tmp_path: Path) -> None:
+    """The recipe is forced to the cloud kernel (the loader would refuse this scenario): the
+    guest's init finds no NIC with the SSH MAC and says so; the wait ends there."""
+    from harness.config.model import E1000e
+
+    spec = smoke_vm(name="t7", image=BuiltinImage(kind="builtin", recipe="debian-cloud"),
+                    devices=(E1000e(kind="e1000e", id="lan0", ssh=True),))
+    started = time.monotonic()
+    with GuestVM(spec, tmp_path, boot_timeout=120) as vm, pytest.raises(GuestError) as info:
+        vm.boot()
+    assert time.monotonic() - started < 30, "must not wait for the SSH timeout"
+    assert "harness-init: fatal: no NIC with MAC" in str(info.value)

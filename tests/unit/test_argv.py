@@ -134,7 +134,20 @@ def test_virtio_net_with_ssh_forwards_port_0_on_loopback() -> None:
 
 def test_virtio_net_without_ssh_has_no_forward_and_a_subnet_is_passed() -> None:
     dev = VirtioNet(kind="virtio-net", id="net0", ssh=False, network="10.0.3.0/24")
-    assert device_args(placed(dev, 3), {})[:2] == ["-netdev", "user,id=net0,net=10.0.3.0/24"]
+    (one,) = place_devices([dev], X86_64)
+    assert device_args(one, {})[:2] == ["-netdev", "user,id=net0,net=10.0.3.0/24"]
+
+
+def test_each_nic_gets_its_own_network_and_its_guest_address_from_it() -> None:
+    lan = E1000e(kind="e1000e", id="lan0")
+    mine = VirtioNet(kind="virtio-net", id="net2", ssh=False, network="10.0.3.0/24")
+    out = place_devices([net(), blk(), lan, mine, E1000e(kind="e1000e", id="lan1")], X86_64)
+    assert [p.network for p in out] == ["10.0.2.0/24", None, "10.0.4.0/24", "10.0.3.0/24",
+                                        "10.0.5.0/24"]
+    assert out[0].guest_address() == ("10.0.2.15/24", "10.0.2.2")
+    assert out[2].guest_address() == ("10.0.4.15/24", "10.0.4.2")
+    assert device_args(out[0], {})[1] == "user,id=net0,hostfwd=tcp:127.0.0.1:0-:22"
+    assert device_args(out[2], {})[1] == "user,id=lan0,net=10.0.4.0/24"
 
 
 def test_nics_on_arm64_ask_for_no_option_rom() -> None:

@@ -273,6 +273,19 @@ INVALID: list[tuple[str, str, bool]] = [
     ("bad-addr-duplicate.yaml",
      "bad-addr-duplicate.yaml:10: vms[0].devices[1].addr: slot 0x05 is already used by 'net0' "
      "(line 7)", False),
+    ("bad-network-duplicate.yaml",
+     "bad-network-duplicate.yaml:10: vms[0].devices[1].network: 10.0.7.0/24 is already the "
+     "network of 'net0' (line 7); each NIC of a VM needs its own", False),
+    ("bad-recipe-lacks-driver.yaml",
+     "bad-recipe-lacks-driver.yaml:8: vms[0].devices[1].kind: e1000e needs the guest driver "
+     "e1000e, which recipe debian-cloud does not pack; leave image.recipe out to have one "
+     "chosen that does", False),
+    ("bad-arch.yaml",
+     "bad-arch.yaml:4: vms[0].arch: unknown value 'aarch64' (did you mean 'arm64'?); allowed "
+     "values: x86_64, arm64", True),
+    ("bad-addr-range-arm64.yaml",
+     "bad-addr-range-arm64.yaml:6: vms[0].devices[0].addr: slot 0x20 is outside 0x01..0x1f",
+     False),
     ("bad-two-ssh.yaml",
      "bad-two-ssh.yaml:7: vms[0].devices[1].ssh: 'net0' and 'net1' both forward SSH; set "
      "ssh: false on all NICs but one (virtio-net has ssh: true by default)", False),
