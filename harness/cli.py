@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import shutil
 import signal
 import sys
 import time
@@ -18,9 +19,14 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from types import FrameType
+from typing import TYPE_CHECKING
 
 from harness.errors import HarnessError, UsageError
 from harness.platform import Arch
+
+if TYPE_CHECKING:
+    from harness.config.model import Scenario
+    from harness.platform import Platform
 
 
 @dataclass(frozen=True)
@@ -29,6 +35,7 @@ class RunRequest:
     out: Path | None
     verbose: bool
     force_bind: bool = False
+    only: tuple[str, ...] = ()  # scenario names of the file to run (empty: all)
 
 
 @dataclass(frozen=True)
@@ -92,6 +99,7 @@ class LabRunRequest:
 @dataclass(frozen=True)
 class LabShellRequest:
     out: Path | None
+    arch: str | None = None
 
 
 @dataclass(frozen=True)
@@ -130,7 +138,14 @@ def handle_run(req: RunRequest) -> int:
     from harness.runner import run_scenario
 
     codes = []
-    for scenario in load_scenarios(req.scenario):
+    scenarios = load_scenarios(req.scenario)
+    unknown = sorted(set(req.only) - {s.name for s in scenarios})
+    if unknown:
+        raise UsageError(f"{req.scenario}: no scenario named {', '.join(unknown)} (it has "
+                         f"{', '.join(s.name for s in scenarios)})")
+    for scenario in scenarios:
+        if req.only and scenario.name not in req.only:
+            continue
         run_dir = _run_dir(req.out, scenario.name)
         _progress(f"scenario {scenario.name}: run folder {run_dir}")
         result = run_scenario(scenario, str(req.scenario), run_dir, _progress,
@@ -200,6 +215,11 @@ def handle_image_build(req: ImageBuildRequest) -> int:
                              f"not {req.arch}")
     image = ensure_image(recipe, platform, progress=_progress)
     print(f"kernel {image.kernel}\ninitrd {image.initrd}\nrelease {image.kernel_release}")
+    if platform.lab.recipe == recipe and platform.lab.userland is not None:
+        from harness.images.userland import ensure_userland
+
+        userland = ensure_userland(platform.lab.userland, platform, _progress)
+        print(f"root {userland.root}")
     return 0
 
 
@@ -253,14 +273,27 @@ def handle_trace(req: TraceRequest) -> int:
 
 def handle_lab_run(req: LabRunRequest) -> int:
     from harness.config import load_scenarios
-    from harness.lab.l1 import run_in_lab
+    from harness.lab.l1 import LabBoot, run_in_lab
 
     scenarios = load_scenarios(req.scenario)  # bad input fails here, before L1 boots
+    platform = _lab_platform(req.scenario, scenarios)
     run_dir = _run_dir(req.out, f"lab-{scenarios[0].name}")
     _progress(f"lab: run folder {run_dir}")
-    inner = [sys.executable, "-m", "harness.cli", "run", str(req.scenario.resolve()),
-             "--out", "/lab"]
-    lab = run_in_lab(inner, run_dir, _progress)
+    # L1 sees the file where it is here, or (an L1 on a root of its own) in the run folder.
+    scenario_file = str(req.scenario.resolve())
+    if platform.lab.userland is not None:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(req.scenario, run_dir / "scenario.yaml")
+        scenario_file = "/lab/scenario.yaml"
+    # One L1 boot per run of consecutive scenarios that want the same L1.
+    boots: list[LabBoot] = []
+    for scenario in scenarios:
+        if boots and boots[-1].append == scenario.lab.append:
+            boots[-1] = LabBoot((*boots[-1].args, "--only", scenario.name), boots[-1].append)
+        else:
+            boots.append(LabBoot(("run", scenario_file, "--out", "/lab", "--only",
+                                  scenario.name), scenario.lab.append))
+    lab = run_in_lab(platform, boots, run_dir, _progress)
     for folder in lab.inner_runs:
         print((folder / "summary.txt").read_text() if (folder / "summary.txt").exists()
               else f"{folder}: no summary")
@@ -278,11 +311,24 @@ def handle_lab_run(req: LabRunRequest) -> int:
     return lab.exit_status if lab.exit_status is not None else 1
 
 
+def _lab_platform(path: Path, scenarios: Sequence[Scenario]) -> Platform:
+    """The lab's architecture: the one the scenarios' VMs name (L2 runs under KVM in L1, so
+    they are of L1's architecture), this machine's if none names one."""
+    from harness.platform import host_platform, platform_for
+
+    named = {vm.arch for s in scenarios for vm in s.vms if vm.arch is not None}
+    if len(named) > 1:
+        raise UsageError(f"{path}: its VMs name several architectures "
+                         f"({', '.join(sorted(named))}); a lab runs one")
+    return platform_for(named.pop()) if named else host_platform()
+
+
 def handle_lab_shell(req: LabShellRequest) -> int:
     from harness.lab.l1 import shell
+    from harness.platform import platform_for
 
     run_dir = _run_dir(req.out, "lab-shell")
-    return shell(_progress, run_dir)
+    return shell(_progress, run_dir, platform_for(req.arch))
 
 
 def handle_preflight(req: PreflightRequest) -> int:
@@ -356,6 +402,8 @@ def parse_args(argv: Sequence[str]) -> tuple[Request, bool]:
     p.add_argument("--force-bind", action="store_true",
                    help="bind assigned devices to vfio-pci even if the host uses them (or a "
                         "member of their IOMMU group)")
+    p.add_argument("--only", action="append", default=[], metavar="NAME",
+                   help="run only the scenario of this name (repeatable; default: all)")
 
     p = sub.add_parser("validate", help="check scenario files without running them")
     p.add_argument("files", type=Path, nargs="+")
@@ -419,11 +467,13 @@ def parse_args(argv: Sequence[str]) -> tuple[Request, bool]:
                    "latency figures of each path, and their ratio")
     p = lab_sub.add_parser("shell", help="a root shell in the emulated host (L1)")
     p.add_argument("--out", type=Path)
+    p.add_argument("--arch", choices=[a.value for a in Arch], default=None,
+                   help="the emulated host's architecture (default: this machine's)")
 
     ns = parser.parse_args(list(argv))
     request: Request
     if ns.command == "run":
-        request = RunRequest(ns.scenario, ns.out, ns.verbose, ns.force_bind)
+        request = RunRequest(ns.scenario, ns.out, ns.verbose, ns.force_bind, tuple(ns.only))
     elif ns.command == "validate":
         request = ValidateRequest(tuple(ns.files))
     elif ns.command == "schema":
@@ -440,7 +490,7 @@ def parse_args(argv: Sequence[str]) -> tuple[Request, bool]:
         request = RestoreRequest(ns.journal, ns.force)
     elif ns.command == "lab":
         request = (LabRunRequest(ns.scenario, ns.out, ns.bench) if ns.lab_command == "run"
-                   else LabShellRequest(ns.out))
+                   else LabShellRequest(ns.out, ns.arch))
     elif ns.command == "trace":
         request = TraceRequest(ns.duration, ns.json_out, ns.quiet)
     else:

@@ -115,6 +115,9 @@ class LabHost:
     device_options: Mapping[str, str]  # for the assigned NIC: its DMA and MSIs via the IOMMU
     what: str  # one line for progress output
     recipe: str  # the image recipe of L1's kernel and initramfs
+    # L1's user space: None for the outer machine's own root (same architecture only), else
+    # the recipe of a root filesystem built for it (harness.images.userland)
+    userland: str | None = None
 
 
 # --- platforms ------------------------------------------------------------------------------
@@ -206,7 +209,8 @@ ARM64 = Platform(
                                    "iommu": "smmuv3"}),
         pre_devices=(), append="kvm-arm.vgic_v4_enable=1",
         device_options=_frozen(iommu_platform="on", romfile=""),
-        what="TCG at EL2, GICv4, SMMUv3", recipe="lab-host-arm64"),
+        what="TCG at EL2, GICv4, SMMUv3", recipe="lab-host-arm64",
+        userland="lab-host-arm64"),
     # No firmware loads option ROMs on this machine: do not ask QEMU to find one.
     nic_options=_frozen(romfile=""),
 )

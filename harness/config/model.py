@@ -19,7 +19,8 @@ from harness.config.fields import doc
 from harness.platform import Accel, Arch
 
 __all__ = ["VM", "Accel", "Arch", "BuiltinImage", "CloudImage", "DeliveryPath", "Device",
-           "E1000e", "Expectation", "Image", "KernelImage", "Scenario", "Timeouts", "VfioPci",
+           "E1000e", "Expectation", "Image", "KernelImage", "LabSettings", "Scenario", "Timeouts",
+           "VfioPci",
            "VirtioBlk", "VirtioNet", "Workload", "doc", "entry_number"]
 
 _ENTRY = re.compile(r"[-+]?[0-9]+")  # ASCII digits only: "²".isdigit() is True
@@ -137,6 +138,16 @@ class Timeouts:
 
 
 @dataclass(frozen=True)
+class LabSettings:
+    """How ``harness lab run`` boots the emulated host (L1) for this scenario."""
+
+    append: str = field(default="", metadata=doc(
+        "extra kernel arguments for L1, after the lab's own (the last of a kind wins: "
+        "kvm-arm.vgic_v4_enable=0 turns GICv4 off in L1's KVM); scenarios of a file that "
+        "differ here get an L1 boot each"))
+
+
+@dataclass(frozen=True)
 class Scenario:
     name: str = field(metadata=doc("scenario name", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$"))
     vms: tuple[VM, ...] = field(metadata=doc("guests to boot", minItems=1))
@@ -144,3 +155,5 @@ class Scenario:
     workloads: tuple[Workload, ...] = field(default=(), metadata=doc("run in order"))
     expect: tuple[Expectation, ...] = field(default=(), metadata=doc("what must hold"))
     timeouts: Timeouts = field(default=Timeouts(), metadata=doc("time limits"))
+    lab: LabSettings = field(default=LabSettings(), metadata=doc(
+        "the emulated host, when the scenario runs in the lab (ignored by harness run)"))

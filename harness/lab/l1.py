@@ -2,6 +2,11 @@
 
 The job is a shell script written into the run folder (shared into L1 at /lab); L1's init hands
 PID 1 to it and it powers L1 off when done, so the outer side only waits for QEMU to exit.
+
+L1's root is the outer machine's own (an L1 of this machine's architecture) or a user space
+built for L1's architecture (:mod:`harness.images.userland`); in the second case the
+repository and the image cache are shared into L1 at the paths they have outside, so the
+harness inside runs this very checkout and boots the images prepared here.
 """
 
 from __future__ import annotations
@@ -16,7 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from harness.errors import GuestError, HarnessError, LaunchError
-from harness.images.builder import GuestImage, ensure_image, repo_root
+from harness.images.builder import GuestImage, cache_root, ensure_image, repo_root
+from harness.images.userland import ensure_userland
 from harness.platform import Platform, host_platform
 from harness.qemu.argv import LabShare, channel_args, die_with_harness, lab_host_argv
 from harness.qemu.machine import Machine
@@ -32,20 +38,46 @@ L1_CPUS = 2
 BOOT_TIMEOUT_S = 120.0
 
 
-def l1_argv(image: GuestImage, share: Path, platform: Platform,
+_EXTRA_SLOTS = (0x06, 0x07)  # the shares L1 mounts at their outer paths (slot 5: the device)
+
+
+@dataclass(frozen=True)
+class LabSetup:
+    """What an L1 of one platform boots: its kernel and initramfs, its root, its Python."""
+
+    platform: Platform
+    image: GuestImage
+    root: Path  # shared read-only as L1's root (under a tmpfs overlay)
+    python: str  # the Python that runs the harness in L1
+    same_path: tuple[Path, ...]  # outer folders L1 mounts at the same paths
+
+    @property
+    def own_root(self) -> bool:
+        """L1 runs the outer machine's root: every outer path is there as it is here."""
+        return not self.same_path
+
+
+def l1_argv(setup: LabSetup, share: Path, append: str = "",
             memory_mib: int = L1_MEMORY_MIB, cpus: int = L1_CPUS) -> list[str]:
     """L0's command line for L1 without its console/QMP channels (the caller adds those):
-    the host's root read-only at ``hostroot``, the run folder at ``lab``."""
-    shares = [LabShare("hostroot", Path("/"), readonly=True, slot=0x03),
+    L1's root read-only at ``hostroot``, the run folder at ``lab``, and the folders L1 mounts
+    at their outer paths (named on the kernel command line for L1's init)."""
+    shares = [LabShare("hostroot", setup.root, readonly=True, slot=0x03),
               LabShare("lab", share, readonly=False, slot=0x04)]
-    return lab_host_argv(platform, image.kernel, image.initrd, shares, LAB_DEVICE_SLOT,
-                         memory_mib, cpus)
+    words = []
+    for i, (path, slot) in enumerate(zip(setup.same_path, _EXTRA_SLOTS, strict=False)):
+        shares.append(LabShare(f"outer{i}", path, readonly=True, slot=slot))
+        words.append(f"harness.share=outer{i}:{path}")
+    extra = " ".join([*words, append]).strip()
+    return lab_host_argv(setup.platform, setup.image.kernel, setup.image.initrd, shares,
+                         LAB_DEVICE_SLOT, memory_mib, cpus, extra)
 
 
 _JOB_HEAD = """#!/bin/sh
 # Written by `harness lab`; run by L1's init as PID 1.  L1 powers off when it ends.
 export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
 export HOME=/root LANG=C.UTF-8 PYTHONUNBUFFERED=1 HARNESS_PINNED_IMAGES=/lab/images.json
+export PYTHONPATH={repo}
 hostname lab-l1
 ip link set lo up
 mkdir -p /dev/pts /dev/shm
@@ -88,51 +120,77 @@ class LabRun:
         return sum(s for _, s in self.phases)
 
 
-def prepare(progress: Progress, share: Path, platform: Platform) -> GuestImage:
-    """The L1 image, and the builtin guest images L1's harness will boot as L2, pinned for it
-    (L1 shares this machine's root, so it finds them at the same paths)."""
+def prepare(progress: Progress, share: Path, platform: Platform) -> LabSetup:
+    """L1's image and root, and the builtin guest image L1's harness will boot as L2, pinned
+    for it in ``share/images.json``."""
     image = ensure_image(platform.lab.recipe, platform, progress=progress)
     guests = {name: str(ensure_image(name, platform, progress=progress).folder)
               for name in platform.recipes[:1]}
     (share / "images.json").write_text(json.dumps(guests) + "\n")
-    return image
+    if platform.lab.userland is None:
+        if platform is not host_platform():
+            raise HarnessError(f"the {platform.arch} lab needs a user space for L1 (this "
+                               f"machine's root is {host_platform().arch})")
+        return LabSetup(platform, image, Path("/"), sys.executable, ())
+    userland = ensure_userland(platform.lab.userland, platform, progress)
+    return LabSetup(platform, image, userland.root, "python3",
+                    (repo_root(), cache_root() / "images"))
 
 
-def run_in_lab(argv: list[str], run_dir: Path, progress: Progress,
+@dataclass(frozen=True)
+class LabBoot:
+    """One boot of L1 and the harness command it runs."""
+
+    args: tuple[str, ...]  # harness arguments, after ``python -m harness.cli``
+    append: str = ""  # extra kernel arguments for L1
+    harness: bool = True  # False: ``args`` is a whole command of its own
+
+
+def run_in_lab(platform: Platform, boots: list[LabBoot], run_dir: Path, progress: Progress,
                timeout: float = 1800.0) -> LabRun:
-    """Boot L1, run ``argv`` there (from the repository), wait for L1 to power off."""
+    """Boot L1 once per entry of ``boots``, run its command there (from the repository), wait
+    for L1 to power off; the exit status is the worst of them."""
     run_dir.mkdir(parents=True, exist_ok=True)
     result = LabRun(run_dir)
     started = time.monotonic()
-    platform = host_platform()  # L1 runs this machine's own root filesystem
-    image = prepare(progress, run_dir, platform)
+    setup = prepare(progress, run_dir, platform)
     result.phases.append(("prepare images", time.monotonic() - started))
-    (run_dir / "job.sh").write_text(run_job(argv))
     share = run_dir.resolve()
+    statuses = []
+    for n, boot in enumerate(boots, start=1):
+        suffix = f" {n}" if len(boots) > 1 else ""
+        argv = ([setup.python, "-m", "harness.cli", *boot.args] if boot.harness
+                else list(boot.args))
+        (run_dir / "job.sh").write_text(run_job(argv))
+        (run_dir / "exit-status").unlink(missing_ok=True)
 
-    def argv_for(qmp_fd: int, console_fd: int) -> list[str]:
-        return l1_argv(image, share, platform) + channel_args(qmp_fd, console_fd)
+        def argv_for(qmp_fd: int, console_fd: int, append: str = boot.append) -> list[str]:
+            return l1_argv(setup, share, append) + channel_args(qmp_fd, console_fd)
 
-    with Machine("lab-l1", argv_for, run_dir) as machine:
-        progress(f"lab: booting the emulated host (L1: {platform.lab.what})")
-        launched = time.monotonic()
-        machine.launch()
-        assert machine.console is not None
-        machine.console.wait_for(r"^harness-lab: job start", BOOT_TIMEOUT_S,
-                                 "L1 to boot and start the job")
-        booted = time.monotonic()
-        result.phases.append(("L1 boot", booted - launched))
-        progress(f"lab: L1 up in {booted - launched:.1f} s; running "
-                 f"{shlex.join(argv[-3:])}")
-        _follow(machine, progress, timeout)
-        result.phases.append(("job in L1", time.monotonic() - booted))
-    status_file = run_dir / "exit-status"
-    if not status_file.exists():
-        raise GuestError("lab-l1", "the job in L1 ended without an exit status (see "
-                         f"{machine.console_path})", machine.console.tail() if machine.console
-                         else "")
-    result.exit_status = int(status_file.read_text().strip() or 1)
-    result.inner_runs = sorted(p.parent for p in run_dir.glob("*/report.json"))
+        name = "lab-l1" if n == 1 else f"lab-l1-{n}"
+        with Machine(name, argv_for, run_dir) as machine:
+            what = platform.lab.what + (f"; {boot.append}" if boot.append else "")
+            progress(f"lab: booting the emulated host (L1{suffix}: {what})")
+            launched = time.monotonic()
+            machine.launch()
+            assert machine.console is not None
+            machine.console.wait_for(r"^harness-lab: job start", BOOT_TIMEOUT_S,
+                                     "L1 to boot and start the job")
+            booted = time.monotonic()
+            result.phases.append((f"L1{suffix} boot", booted - launched))
+            progress(f"lab: L1{suffix} up in {booted - launched:.1f} s; running "
+                     f"{shlex.join(argv[3:6] if boot.harness else argv)}")
+            _follow(machine, progress, timeout)
+            result.phases.append((f"job in L1{suffix}", time.monotonic() - booted))
+        status_file = run_dir / "exit-status"
+        if not status_file.exists():
+            raise GuestError(name, "the job in L1 ended without an exit status (see "
+                             f"{machine.console_path})", machine.console.tail()
+                             if machine.console else "")
+        statuses.append(int(status_file.read_text().strip() or 1))
+    result.exit_status = max(statuses)
+    result.inner_runs = sorted((p.parent for p in run_dir.glob("*/report.json")),
+                               key=lambda p: p.stat().st_mtime)
     return result
 
 
@@ -172,13 +230,12 @@ def inner_reports(lab: LabRun) -> list[dict[str, object]]:
     return reports
 
 
-def shell(progress: Progress, run_dir: Path) -> int:
+def shell(progress: Progress, run_dir: Path, platform: Platform) -> int:
     """L1 with a login shell on this terminal; QEMU's monitor on Ctrl-A c, quit Ctrl-A x."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    platform = host_platform()
-    image = prepare(progress, run_dir, platform)
+    setup = prepare(progress, run_dir, platform)
     (run_dir / "job.sh").write_text(shell_job())
-    argv = l1_argv(image, run_dir.resolve(), platform) + [
+    argv = l1_argv(setup, run_dir.resolve()) + [
         "-chardev", "stdio,id=console,mux=on,signal=off", "-serial", "chardev:console",
         "-mon", "chardev=console,mode=readline"]
     progress("lab: booting L1; you get a root shell in it (exit powers it off; Ctrl-A x "

@@ -193,7 +193,7 @@ class LabShare:
 
 
 def lab_host_argv(platform: Platform, kernel: Path, initrd: Path, shares: Sequence[LabShare],
-                  device_slot: int, memory_mib: int, cpus: int) -> list[str]:
+                  device_slot: int, memory_mib: int, cpus: int, append: str = "") -> list[str]:
     """L0's command line for L1 without its console/QMP channels (the caller adds those).
 
     The vCPU, machine options and IOMMU come from the platform's :class:`LabHost`; the
@@ -206,7 +206,7 @@ def lab_host_argv(platform: Platform, kernel: Path, initrd: Path, shares: Sequen
     for device in lab.pre_devices:  # the IOMMU first: devices created before it bypass it
         argv += ["-device", device]
     argv += ["-kernel", str(kernel), "-initrd", str(initrd),
-             "-append", f"{base_append(platform)} {lab.append}"]
+             "-append", " ".join(filter(None, [base_append(platform), lab.append, append]))]
     for share in shares:
         argv += ["-fsdev", qemu_options("local", {
                      "id": share.tag, "path": share.path, "security_model": "none",

@@ -16,7 +16,8 @@ from typing import Any
 import pytest
 
 from harness.cli import main
-from harness.lab.l1 import LAB_DEVICE_BDF, run_in_lab
+from harness.lab.l1 import LAB_DEVICE_BDF, LabBoot, run_in_lab
+from harness.platform import host_platform
 
 pytestmark = pytest.mark.system
 
@@ -129,7 +130,8 @@ def test_preflight_binding_sigkill_and_restore_in_the_lab(tmp_path: Path) -> Non
     job = tmp_path / "lifecycle.sh"
     job.write_text(LIFECYCLE.format(python=shlex.quote(sys.executable), bdf=LAB_DEVICE_BDF,
                                     scenario=shlex.quote(str(scenario))))
-    lab = run_in_lab(["sh", str(job)], tmp_path / "lab", lambda message: None, timeout=300)
+    lab = run_in_lab(host_platform(), [LabBoot(("sh", str(job)), harness=False)],
+                     tmp_path / "lab", lambda message: None, timeout=300)
     share = lab.run_dir
     drivers = dict(line.split("=", 1) for line in (share / "drivers").read_text().split())
     assert drivers["before"] == "virtio-pci"

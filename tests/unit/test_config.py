@@ -185,7 +185,7 @@ INVALID: list[tuple[str, str, bool]] = [
      True),
     ("bad-unknown-top-key.yaml",
      "bad-unknown-top-key.yaml:6: workload: unknown key (did you mean 'workloads'?); allowed "
-     "keys: name, vms, description, workloads, expect, timeouts", True),
+     "keys: name, vms, description, workloads, expect, timeouts, lab", True),
     ("bad-key-of-other-kind.yaml",
      "bad-key-of-other-kind.yaml:8: vms[0].devices[0].size_mib: unknown key; allowed keys: "
      "kind, id, addr, ssh, network", True),
