@@ -74,6 +74,7 @@ class PreflightRequest:
     devices: tuple[str, ...]
     as_json: bool
     root: Path
+    record: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -342,7 +343,17 @@ def handle_preflight(req: PreflightRequest) -> int:
         from harness.platform import host_platform
 
         probe = kvm_probe(cached_kernel(host_platform()), cache_root())
-    report = preflight(req.root, req.devices, accel_probe=probe)
+    view = None
+    if req.record is not None:
+        from harness.host.view import RecordingHostView
+
+        if req.root != Path("/"):
+            raise UsageError("--record records this host: it cannot be used with --root")
+        view = RecordingHostView(req.record)
+    report = preflight(req.root, req.devices, accel_probe=probe, view=view)
+    if req.record is not None:
+        _progress(f"recorded what preflight read into {req.record} (read it back with "
+                  f"--root {req.record})")
     print(preflight_json(report) if req.as_json else format_preflight(report))
     return 3 if any(d.verdict == DeviceVerdict.CANNOT_ASSIGN for d in report.devices) else 0
 
@@ -443,6 +454,9 @@ def parse_args(argv: Sequence[str]) -> tuple[Request, bool]:
     p.add_argument("--json", action="store_true", dest="as_json")
     p.add_argument("--root", type=Path, default=Path("/"),
                    help="read a recorded host tree instead of this host")
+    p.add_argument("--record", type=Path, metavar="DIR",
+                   help="also copy every file and command output preflight reads into DIR: "
+                        "a recorded tree for --root")
 
     p = sub.add_parser("restore", help="give devices a crashed run bound to vfio-pci back "
                        "to their drivers")
@@ -485,7 +499,7 @@ def parse_args(argv: Sequence[str]) -> tuple[Request, bool]:
     elif ns.command == "report":
         request = MergeRequest(tuple(ns.paths), ns.json_out, ns.junit_out)
     elif ns.command == "preflight":
-        request = PreflightRequest(tuple(ns.device), ns.as_json, ns.root)
+        request = PreflightRequest(tuple(ns.device), ns.as_json, ns.root, ns.record)
     elif ns.command == "restore":
         request = RestoreRequest(ns.journal, ns.force)
     elif ns.command == "lab":

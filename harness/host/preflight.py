@@ -180,14 +180,15 @@ def _device_report(bdf: str, view: HostView, iommu: IommuReport,
 
 
 def preflight(root: Path = Path("/"), devices: Sequence[str] = (),
-              accel_probe: AccelProbe | None = None) -> PreflightReport:
+              accel_probe: AccelProbe | None = None,
+              view: HostView | None = None) -> PreflightReport:
     """Everything preflight knows about the host under ``root`` and the given devices.
 
     ``accel_probe`` defaults to :func:`~harness.host.accel.kvm_probe` (booting the host's own
     kernel) on a live host and to no probe on a recorded tree (the accelerator is then
     reported as not probed); the command line passes one that boots the cached guest kernel.
     """
-    view = HostView(root)
+    view = view if view is not None else HostView(root)
     iommu = probe_iommu(view=view)
     accel = _accel(view, accel_probe)
     reports = []
@@ -198,7 +199,7 @@ def preflight(root: Path = Path("/"), devices: Sequence[str] = (),
             reports.append(DeviceReport(bdf, None, (), DeviceVerdict.CANNOT_ASSIGN, (str(exc),)))
             continue
         reports.append(_device_report(wanted, view, iommu, accel))
-    return PreflightReport(str(root), view.live, accel, iommu, tuple(reports))
+    return PreflightReport(str(view.root), view.live, accel, iommu, tuple(reports))
 
 
 # --- presentation --------------------------------------------------------------------------

@@ -273,3 +273,74 @@ def parse_module_bool(value: str | None) -> bool | None:
     if text in ("N", "n", "0"):
         return False
     return None
+
+
+class RecordingHostView(HostView):
+    """The live host, read as :class:`HostView` reads it, with every file, folder listing,
+    symlink and command output it reads copied into ``dest``: a recorded tree that
+    ``HostView(dest)`` reads back the same way (``harness preflight --record``).
+
+    Symlinks are kept as text in ``symlinks.txt`` (sysfs's links loop); a folder that was
+    listed gets its entries as empty files or folders, so a listing reads back the same.
+    """
+
+    def __init__(self, dest: Path) -> None:
+        super().__init__(Path("/"))
+        self.dest = dest
+        self._recorded_links_text: dict[str, str] = {}
+        dest.mkdir(parents=True, exist_ok=True)
+
+    def _copy(self, host_path: str, data: bytes) -> None:
+        target = self.dest / host_path.lstrip("/")
+        if target.is_dir():
+            return
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(data)
+
+    def read_text(self, host_path: str) -> str | None:
+        data = self.read_bytes(host_path)
+        return None if data is None else data.decode(errors="replace")
+
+    def read_bytes(self, host_path: str) -> bytes | None:
+        data = super().read_bytes(host_path)
+        if data is not None:
+            self._copy(host_path, data)
+        return data
+
+    def listdir(self, host_path: str) -> tuple[str, ...]:
+        names = super().listdir(host_path)
+        for name in names:
+            inner = f"{host_path.rstrip('/')}/{name}"
+            if os.path.islink(self.path(inner)):
+                self._note_link(inner)
+            elif os.path.isdir(self.path(inner)):
+                (self.dest / inner.lstrip("/")).mkdir(parents=True, exist_ok=True)
+            elif not (self.dest / inner.lstrip("/")).exists():
+                self._copy(inner, b"")
+        return names
+
+    def exists(self, host_path: str) -> bool:
+        found = super().exists(host_path)
+        if found and os.path.isdir(self.path(host_path)):  # a device's folder: a folder
+            (self.dest / host_path.lstrip("/")).mkdir(parents=True, exist_ok=True)
+        elif found and not (self.dest / host_path.lstrip("/")).exists():
+            self._copy(host_path, b"")  # read elsewhere if it matters; here it exists
+        return found
+
+    def link_name(self, host_path: str) -> str | None:
+        if os.path.islink(self.path(host_path)):
+            self._note_link(host_path)
+        return super().link_name(host_path)
+
+    def _note_link(self, host_path: str) -> None:
+        key = host_path.rstrip("/")
+        if key not in self._recorded_links_text:
+            self._recorded_links_text[key] = os.readlink(self.path(host_path))
+            (self.dest / SYMLINKS_FILE).write_text("".join(
+                f"{p} -> {t}\n" for p, t in sorted(self._recorded_links_text.items())))
+
+    def command_output(self, name: str) -> tuple[str | None, str]:
+        text, source = super().command_output(name)
+        if text is not None:
+            (self.dest / COMMAND_FILES[name]).write_text(text)
+        return text, source

@@ -83,6 +83,7 @@ ip link set lo up
 mkdir -p /dev/pts /dev/shm
 mount -t devpts devpts /dev/pts
 mount -t tmpfs tmpfs /dev/shm
+mountpoint -q /sys/kernel/debug || mount -t debugfs debugfs /sys/kernel/debug
 cd {repo}
 """
 

@@ -203,3 +203,58 @@ def test_lab_shell_gives_a_root_shell_in_the_emulated_host(tmp_path: Path) -> No
             proc.kill()
             proc.wait()
         os.close(leader)
+
+
+# --- the Arm lab: GICv4 direct injection, the posted path for real ---------------------------
+
+
+@pytest.mark.system(arch="arm64")
+def test_arm_lab_gives_posted_userspace_and_irqfd_verdicts_from_the_evidence(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code = main(["lab", "run", str(REPO / "configs" / "lab-arm-gicv4.yaml"),
+                 "--out", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    (run_dir,) = tmp_path.iterdir()
+    found = reports(run_dir)
+    assert sorted(found) == ["lab-arm-irqfd", "lab-arm-posted", "lab-arm-userspace"]
+    for name, path in (("lab-arm-posted", "posted"), ("lab-arm-userspace", "userspace-bounce"),
+                       ("lab-arm-irqfd", "irqfd-bounce")):
+        report = found[name]
+        assert report["passed"] is True, report
+        assert {vm["arch"] for vm in report["vms"]} == {"arm64"}
+        for vector in ("virtio1-input.0", "virtio1-output.0"):
+            v = nic_vectors(report)[vector]
+            assert v["path"] == path, v
+            guest, host = v["evidence"]["guest_delta"], v["evidence"]["host_delta"]
+            wiring = v["evidence"]["wiring"]
+            assert guest >= 150, v
+            if path == "posted":
+                # The host's handler never ran: the MSI went to the vCPU as a vLPI.
+                assert host <= 0.1 * guest and wiring["posted"] is True, v
+                assert "vLPI" in wiring["detail"], v
+            else:
+                assert 0.5 <= host / guest <= 1.5 and wiring["posted"] is False, v
+            assert wiring["connected"] is (path != "userspace-bounce"), v
+    posted_dir = next(p.parent for p in run_dir.glob("lab-arm-posted-*/report.json"))
+    trace = (posted_dir / "host.bypass.trace").read_text()
+    assert "kvm_vgic_v4_set_forwarding" in trace and "its_map_vlpi" in trace
+    irqfd_dir = next(p.parent for p in run_dir.glob("lab-arm-irqfd-*/report.json"))
+    # GICv4 off: forwarding is entered but never maps a vLPI; preflight says why.
+    off = (irqfd_dir / "host.bypass.trace").read_text()
+    assert "kvm_vgic_v4_set_forwarding" in off and "its_map_vlpi" not in off
+    assert "vgic_v4_enable" in " ".join(found["lab-arm-irqfd"]["host_notes"])
+    assert (run_dir / "lab-l1-2.console.log").exists(), "case (c) boots L1 a second time"
+
+
+@pytest.mark.system(arch="arm64")
+def test_arm_lab_expecting_a_bounce_on_the_posted_path_fails_and_says_why(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    text = (REPO / "configs" / "lab-arm-gicv4.yaml").read_text().split("\n---\n")[0]
+    wrong = tmp_path / "expects-irqfd.yaml"
+    wrong.write_text(text.replace("path: posted", "path: irqfd-bounce"))
+    code = main(["lab", "run", str(wrong), "--out", str(tmp_path / "runs")])
+    out = capsys.readouterr().out
+    assert code == 1, out
+    assert "[FAIL] l2/nic expects irqfd-bounce: virtio1-input.0: posted" in out
+    assert "vLPI" in out  # the evidence behind the verdict

@@ -638,3 +638,20 @@ def test_every_conclusion_has_evidence(name: str) -> None:
         assert device.device is not None
         assert device.device.msi.evidence
         assert all(use.evidence for use in device.device.in_use)
+
+
+def test_a_recording_of_this_host_reads_back_as_the_host(tmp_path: Path) -> None:
+    """``harness preflight --record``: what preflight read live, it reads again from the
+    recorded tree, with the same conclusions (the KVM probe aside: it runs only live)."""
+    from harness.host.view import RecordingHostView
+
+    no_probe = lambda: KvmProbe(False, "not probed in this test", 0.0)  # noqa: E731
+    pci = sorted(os.listdir("/sys/bus/pci/devices"))[:2] if os.path.isdir(
+        "/sys/bus/pci/devices") else []
+    live = preflight(devices=pci, accel_probe=no_probe, view=RecordingHostView(tmp_path))
+    again = preflight(tmp_path, devices=pci)
+    assert live.live and not again.live
+    assert again.iommu == live.iommu
+    assert again.summary.split(";")[1:] == live.summary.split(";")[1:]
+    assert [(d.bdf, d.verdict, d.reasons) for d in again.devices] == [
+        (d.bdf, d.verdict, d.reasons) for d in live.devices]
