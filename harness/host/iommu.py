@@ -563,8 +563,12 @@ def _arm_checks(view: HostView, remapping: Fact[bool | None]) -> list[Check]:
                             (Evidence(kernel_log.source or "kernel log", "(no line)",
                                       "cannot tell"),)))
     vgic = cmdline_params(view.cmdline).get("kvm-arm.vgic_v4_enable", [])
+    # Each occurrence is applied in turn at boot: the last one is the one in force.
     cmd_ev = tuple(Evidence("/proc/cmdline", f"kvm-arm.vgic_v4_enable={v}",
-                            "asks KVM to use GICv4 direct injection") for v in vgic)
+                            ("asks KVM to use GICv4 direct injection" if parse_module_bool(v)
+                             else "keeps GICv4 direct injection off in KVM")
+                            + (" (overridden by a later one)" if i < len(vgic) - 1 else ""))
+                   for i, v in enumerate(vgic))
     if kvm_line:
         line, m = kvm_line
         version = "GICv4.1" if m["v41"] else "GICv4"

@@ -655,3 +655,31 @@ def test_a_recording_of_this_host_reads_back_as_the_host(tmp_path: Path) -> None
     assert again.summary.split(";")[1:] == live.summary.split(";")[1:]
     assert [(d.bdf, d.verdict, d.reasons) for d in again.devices] == [
         (d.bdf, d.verdict, d.reasons) for d in live.devices]
+
+
+ARM_LAB = DATA / "hosts" / "lab-l1-arm64"
+
+
+def test_arm_lab_l1_with_gicv4_on_can_post() -> None:
+    report = preflight(ARM_LAB / "gicv4-on", devices=["0000:00:05.0"])
+    assert report.iommu.arch == "aarch64"
+    assert report.iommu.vendor.value == IommuVendor.ARM_SMMU
+    assert report.iommu.posting.verdict == PostingVerdict.POSSIBLE
+    checks = {c.name: c for c in report.iommu.posting.checks}
+    assert checks["gicv4-hardware"].ok and checks["kvm-gicv4"].ok and checks["its"].ok
+    assert any("GICv4 support enabled" in e.value for e in checks["kvm-gicv4"].evidence)
+    (device,) = report.devices
+    assert device.device is not None and device.device.driver == "virtio-pci"
+    assert device.device.msi.known and device.device.msi.msix_vectors == 4  # config, rx, tx, ctrl
+
+
+def test_arm_lab_l1_with_gicv4_off_in_kvm_is_bounce_only_and_says_why() -> None:
+    report = preflight(ARM_LAB / "gicv4-off", devices=["0000:00:05.0"])
+    assert report.iommu.posting.verdict == PostingVerdict.NOT_POSSIBLE
+    checks = {c.name: c for c in report.iommu.posting.checks}
+    assert checks["gicv4-hardware"].ok is True  # the GIC can; KVM was told not to
+    assert checks["kvm-gicv4"].ok is False
+    shown = [(e.value, e.meaning) for e in checks["kvm-gicv4"].evidence]
+    assert ("kvm-arm.vgic_v4_enable=0", "keeps GICv4 direct injection off in KVM") in shown
+    assert "kvm-arm.vgic_v4_enable=1" in report.devices[0].reasons[0] or \
+        "vgic_v4_enable" in report.devices[0].line
