@@ -8,23 +8,46 @@ seen); leaving it removes them.  Inside, :meth:`HostEvidence.snapshot` reads the
 :meth:`HostEvidence.measure` turns two snapshots and the trace into a frozen
 :class:`HostMeasurement`, which answers, per host vector, the count delta and the wiring.
 Without kprobe events the counts are still taken and the measurement says why the wiring is
-unknown.
+unknown.  On arm64 the measurement also reads each VM's ``vgic-state`` from KVM's debugfs (LPIs
+with the hw flag are the vLPIs KVM forwarded) and joins it to the traced forwarding, and it
+reports the GICv4 doorbell deltas; a host without debugfs gets a note, never an error.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import platform
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
 from harness.bypass.live import bypass_session
-from harness.bypass.tracker import BypassTracker, VectorWiring
+from harness.bypass.tracker import (
+    BypassTracker,
+    VectorWiring,
+    VlpiState,
+    relevant_skips,
+)
 from harness.errors import HostError
 from harness.host.accel import AccelDecision, KvmProbe
 from harness.host.preflight import PreflightReport, preflight
 from harness.host.tracefs import KprobeSession, parse_trace
+from harness.host.vgic import (
+    KVM_DEBUGFS,
+    PROC,
+    DoorbellDelta,
+    VgicAgreement,
+    VmVgic,
+    agreement,
+    doorbell_deltas,
+    kvm_vm_dirs,
+    read_vgic_state,
+    task_tgid,
+)
 from harness.interrupts import InterruptDelta, InterruptSnapshot, parse_proc_interrupts
+from harness.platform import PostingModel, platform_of_uname
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +66,9 @@ class HostMeasurement:
     wiring: tuple[VectorWiring, ...]
     wiring_note: str  # why the wiring is unknown or partial ("" when fully traced)
     anomalies: tuple[str, ...]
+    vgic: tuple[VmVgic, ...] = ()  # every KVM VM's vgic-state read during the run (arm64)
+    vgic_notes: tuple[str, ...] = ()  # why vgic-state was not read or not joined
+    doorbells: tuple[DoorbellDelta, ...] = ()  # GICv4 vPE doorbells of the window
 
     def host_delta(self, bdf: str, entry: int | None) -> int | None:
         if entry is None:
@@ -55,21 +81,100 @@ class HostMeasurement:
         return next((w for w in self.wiring if w.bdf == bdf and w.entry == entry), None)
 
     def notes(self) -> tuple[str, ...]:
-        return ((self.wiring_note,) if self.wiring_note else ()) + self.anomalies
+        doorbells = (("GICv4 doorbells (\"vcpu\" on the vPE irqchip): "
+                      + ", ".join(d.describe() for d in self.doorbells),)
+                     if self.doorbells else ())
+        return (((self.wiring_note,) if self.wiring_note else ()) + self.vgic_notes
+                + doorbells + self.anomalies)
+
+
+@dataclass(frozen=True)
+class VgicJoin:
+    """The wiring with each vector's vgic-state agreement, and what the join found."""
+
+    wiring: tuple[VectorWiring, ...]
+    anomalies: tuple[str, ...]
+    notes: tuple[str, ...]
+
+
+def join_vgic_state(wiring: Sequence[VectorWiring], vlpis: Mapping[int, VlpiState],
+                    vms: Sequence[VmVgic], tgid_of: Callable[[int], int | None],
+                    forwarding_probes: bool = True) -> VgicJoin:
+    """Give each traced vector the agreement of its VM's vgic-state with the trace.
+
+    A vector's VM is the process of the task that forwarded (or registered) it; only when that
+    task is gone, the only VM on the host with a readable vgic-state, if there is exactly one.
+    Each VM is checked once; a disagreement is an anomaly with the numbers.
+    """
+    readable = sorted({vm.pid for vm in vms if vm.state is not None})
+    if not readable:
+        return VgicJoin(tuple(wiring), (), ())
+
+    def vm_of(task: int | None) -> tuple[int, str] | None:
+        if task is None:
+            return None
+        tgid = tgid_of(task)
+        if tgid is not None:  # known: its own VM or none, never another one
+            return (tgid, f"task {task} belongs to process {tgid}") if tgid in readable else None
+        if len(readable) == 1:
+            return readable[0], (f"task {task} is not a live process's thread any more; "
+                                 f"{readable[0]} is the only VM with a vgic-state")
+        return None
+
+    traced: dict[int, list[int]] = {}
+    unjoined_vlpis = []
+    for irq, state in vlpis.items():
+        if state.mapped:
+            found = vm_of(state.pid)
+            if found is None:
+                unjoined_vlpis.append(irq)
+            else:
+                traced.setdefault(found[0], []).append(irq)
+    checks: dict[int, VgicAgreement | None] = {}
+    anomalies: list[str] = []
+    notes: list[str] = []
+    joined: list[VectorWiring] = []
+    for w in wiring:
+        found = vm_of(w.task)
+        if found is None:
+            if w.producer:
+                notes.append(f"vgic-state not joined for host irq {w.host_irq}: task "
+                             f"{w.task} is in none of the VMs with a readable vgic-state "
+                             f"{readable}")
+            joined.append(w)
+            continue
+        pid, how = found
+        if pid not in checks:
+            checks[pid] = agreement(pid, vms, traced.get(pid, ()), how, forwarding_probes)
+            check = checks[pid]
+            if check is not None and not check.agrees:
+                anomalies.append(f"anomaly vgic-state-disagrees: {check.disagreement}")
+        joined.append(dataclasses.replace(w, state=checks[pid]))
+    if unjoined_vlpis:
+        notes.append(f"vLPI mappings of host irqs {sorted(unjoined_vlpis)} belong to no VM "
+                     f"with a readable vgic-state {readable}")
+    return VgicJoin(tuple(joined), tuple(anomalies), tuple(notes))
 
 
 class HostEvidence:
     """Preflight and bypass tracing of the host for the given assigned devices."""
 
-    def __init__(self, run_dir: Path, devices: list[str], accel: AccelDecision | None) -> None:
+    def __init__(self, run_dir: Path, devices: list[str], accel: AccelDecision | None, *,
+                 machine: str | None = None, kvm_debugfs: Path = KVM_DEBUGFS,
+                 proc: Path = PROC) -> None:
         self.run_dir = run_dir
         self.devices = devices
         self.accel = accel
+        host = platform_of_uname(machine or platform.machine())
+        self.posting: PostingModel | None = host.posting_model if host else None
+        self.kvm_debugfs = kvm_debugfs
+        self.proc = proc
         self.preflight: PreflightReport | None = None
         self.device_notes: tuple[str, ...] = ()
         self.wiring_note = ""
         self._session: KprobeSession | None = None
         self._connect_probes = True
+        self._forwarding_probes = True
 
     def __enter__(self) -> HostEvidence:
         self._check_devices()
@@ -107,8 +212,13 @@ class HostEvidence:
         self._session = session
         self._connect_probes = not any(
             "kvm_arch_irq_bypass_add_producer" in note for note in session.skipped)
-        if session.skipped:
-            self.wiring_note = "not traced: " + "; ".join(session.skipped)
+        # Without these two a vLPI mapping cannot be seen (its_unmap_vlpi only refines it).
+        self._forwarding_probes = not any(
+            note.startswith(f"{symbol}:") for note in session.skipped
+            for symbol in ("kvm_vgic_v4_set_forwarding", "its_map_vlpi"))
+        skipped = relevant_skips(session.skipped, self.posting)
+        if skipped:
+            self.wiring_note = "not traced: " + "; ".join(skipped)
 
     def snapshot(self, label: str) -> HostSnapshot:
         """The host's /proc/interrupts, saved in the run folder as ``host.<label>.interrupts``."""
@@ -116,8 +226,27 @@ class HostEvidence:
         (self.run_dir / f"host.{label}.interrupts").write_text(text)
         return HostSnapshot(text, parse_proc_interrupts(text, source="host:/proc/interrupts"))
 
+    def read_vgic(self) -> tuple[tuple[VmVgic, ...], tuple[str, ...]]:
+        """Every KVM VM's vgic-state, saved as ``host.vgic-state.<pid>-<fd>``; call while the
+        guests run (a VM's directory goes with it).  No debugfs, no KVM or no file: a note."""
+        try:
+            dirs = kvm_vm_dirs(self.kvm_debugfs)
+        except OSError as exc:
+            why = ("does not exist (debugfs not mounted at /sys/kernel/debug, or KVM not "
+                   "loaded)" if isinstance(exc, FileNotFoundError)
+                   else f"cannot be listed: {exc.strerror or exc}")
+            return (), (f"vgic-state not read: {self.kvm_debugfs} {why}",)
+        if not dirs:
+            return (), (f"vgic-state not read: no VM directory under {self.kvm_debugfs}",)
+        vms = tuple(read_vgic_state(path) for _, _, path in dirs)
+        for vm in vms:
+            if vm.text:
+                (self.run_dir / f"host.vgic-state.{vm.pid}-{vm.fd}").write_text(vm.text)
+        return vms, tuple(f"vgic-state not read: {vm.note}" for vm in vms if vm.state is None)
+
     def measure(self, before: HostSnapshot, after: HostSnapshot) -> HostMeasurement:
-        """Counts and wiring; call while the guests still run (the trace is read here)."""
+        """Counts, wiring and (arm64) vgic-state; call while the guests still run (the trace
+        and the VMs' debugfs files are read here)."""
         tracker = BypassTracker(connect_probes=self._connect_probes)
         wiring: list[VectorWiring] = []
         if self._session is not None:
@@ -125,6 +254,15 @@ class HostEvidence:
             (self.run_dir / "host.bypass.trace").write_text(trace)
             tracker.feed(parse_trace(trace.splitlines()))
             wiring = tracker.wiring(after.interrupts)
-        return HostMeasurement(
-            before.interrupts.delta(after.interrupts), tuple(wiring), self.wiring_note,
-            tuple(f"anomaly {a.kind}: {a.message}" for a in tracker.anomalies))
+        delta = before.interrupts.delta(after.interrupts)
+        anomalies = tuple(f"anomaly {a.kind}: {a.message}" for a in tracker.anomalies)
+        if self.posting is not PostingModel.VLPI and not tracker.counts.get("fwd"):
+            # A host posting through IRTEs has no vgic: nothing to read, nothing to explain.
+            return HostMeasurement(delta, tuple(wiring), self.wiring_note, anomalies)
+        vms, vgic_notes = self.read_vgic()
+        joined = join_vgic_state(wiring, tracker.vlpi, vms,
+                                 lambda tid: task_tgid(tid, self.proc),
+                                 self._forwarding_probes)
+        return HostMeasurement(delta, joined.wiring, self.wiring_note,
+                               anomalies + joined.anomalies, vms, vgic_notes + joined.notes,
+                               doorbell_deltas(delta))

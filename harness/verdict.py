@@ -1,8 +1,9 @@
 """The delivery path of each vector, decided from evidence only, and checked against expectations.
 
 The inputs are what was measured (guest delta, host delta of the matching vfio vector, the
-bypass wiring the tracker saw), never which QEMU option was set; a verdict keeps them all so a
-failed nightly run explains itself.  The rules follow the table in ARCHITECTURE.md.
+bypass wiring the tracker saw and, on arm64, the VM's vgic-state against it), never which QEMU
+option was set; a verdict keeps them all so a failed nightly run explains itself.  The rules
+follow the table in ARCHITECTURE.md.
 """
 
 from __future__ import annotations
@@ -55,10 +56,21 @@ def classify(emulated: bool, guest_delta: int, host_delta: int | None,
         return None, "assigned device, but no bypass wiring was observed for this vector"
     ratio = host_delta / guest_delta
     numbers = f"host {host_delta} / guest {guest_delta} = {ratio:.2f}"
+    state = wiring.state
+    if state is not None and not state.agrees:
+        # Contradicting evidence gives no verdict at all, bounce or posted: never a guess.
+        return None, (f"the bypass trace and the kernel's vgic-state disagree, "
+                      f"{state.disagreement} ({numbers})")
     if wiring.posted and ratio <= POSTED_MAX_RATIO:
+        if wiring.vlpi:
+            seen = (f"; vgic-state agrees: {state.summary}" if state is not None
+                    else "; vgic-state not read")
+            return DeliveryPath.POSTED, ("forwarded as a vLPI (GICv4 direct injection) and the "
+                                         f"host did not see the IRQs ({numbers}){seen}")
         return DeliveryPath.POSTED, f"IRTE posted and the host did not see the IRQs ({numbers})"
     if ratio < BOUNCE_MIN_RATIO:
-        posted = ("the IRTE is posted, yet the host saw more IRQs than posting allows"
+        mechanism = "forwarded as a vLPI" if wiring.vlpi else "the IRTE is posted"
+        posted = (f"{mechanism}, yet the host saw more IRQs than posting allows"
                   if wiring.posted else "the IRTE is not posted")
         return None, (f"the host saw too few IRQs for a bounce ({numbers}) and {posted}"
                       f"{': ' + wiring.detail if wiring.detail else ''}")

@@ -34,6 +34,10 @@ def describe(record: TraceRecord) -> str:
         "unprod": "unregister producer", "uncons": "unregister consumer",
         "connect": "  KVM add_producer (connect)", "connect_ret": "  -> add_producer returned",
         "disconnect": "  KVM del_producer (disconnect)", "kvm_irqfd": "KVM_IRQFD",
+        "fwd": "    KVM GICv4 set_forwarding", "fwd_ret": "    -> set_forwarding returned",
+        "unfwd": "    KVM GICv4 unset_forwarding",
+        "mapvlpi": "      its_map_vlpi (map as a vLPI)",
+        "mapvlpi_ret": "      -> its_map_vlpi returned", "unmapvlpi": "      its_unmap_vlpi",
     }.get(record.event, record.event)
     fields = " ".join(f"{k}={v}" for k, v in record.fields) or record.body
     return f"{record.timestamp:14.6f} {record.task}-{record.pid:<7} {what} {fields}"

@@ -8,6 +8,12 @@ Where they differ (a connect the model did not expect, a duplicate token the ker
 the tracker records an anomaly instead of hiding it.  Producers are keyed by the kernel
 object's address, which survives the re-registration churn of a vector whose guest driver
 reprograms MSI-X (same irq, new token).
+
+Posting is traced per architecture: on x86 by the ``kvm_pi_irte_update`` tracepoint, on arm64
+(GICv4 direct injection) by kprobes on ``kvm_vgic_v4_set_forwarding`` and ``its_map_vlpi``.
+Entering set_forwarding is no evidence (it returns 0 early when GICv4 is off in KVM); a host
+irq is forwarded as a vLPI only once ``its_map_vlpi`` returned 0 inside it, until an unset,
+an unmap or the pair's disconnect.
 """
 
 from __future__ import annotations
@@ -20,7 +26,9 @@ from typing import Any
 
 from harness.bypass.manager import BypassError, BypassManager, CallbackError, Consumer, Producer
 from harness.host.tracefs import ProbeSpec, TraceRecord
+from harness.host.vgic import VgicAgreement
 from harness.interrupts import InterruptSnapshot
+from harness.platform import PostingModel
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +45,25 @@ def kernel_version(release: str) -> tuple[int, int]:
     if not match:
         raise ValueError(f"cannot read a kernel version from {release!r}")
     return int(match.group(1)), int(match.group(2))
+
+
+# arm64 GICv4 direct injection (arch/arm64/kvm/vgic/vgic-v4.c, drivers/irqchip/irq-gic-v4.c):
+# kvm_vgic_v4_set_forwarding(struct kvm *, int virq, struct kvm_kernel_irq_routing_entry *),
+# kvm_vgic_v4_unset_forwarding(struct kvm *, int virq, ...), its_map_vlpi(int irq,
+# struct its_vlpi_map *), its_unmap_vlpi(int irq); the same argument positions in the 5.15
+# and 6.4+ sources read (6.1 lies between).  ``virq`` is the host irq of the vfio vector.
+# Optional: x86 kernels have none of these functions.
+GICV4_PROBES = (
+    ProbeSpec("fwd", "kvm_vgic_v4_set_forwarding", "virq=$arg2:u32", optional=True),
+    ProbeSpec("fwd_ret", "kvm_vgic_v4_set_forwarding", "ret=$retval:s32", ret=True,
+              optional=True),
+    ProbeSpec("unfwd", "kvm_vgic_v4_unset_forwarding", "virq=$arg2:u32", optional=True),
+    ProbeSpec("mapvlpi", "its_map_vlpi", "irq=$arg1:u32", optional=True),
+    ProbeSpec("mapvlpi_ret", "its_map_vlpi", "ret=$retval:s32", ret=True, optional=True),
+    # The vITS unmaps a vLPI without unset_forwarding when the guest discards its event.
+    ProbeSpec("unmapvlpi", "its_unmap_vlpi", "irq=$arg1:u32", optional=True),
+)
+GICV4_SYMBOLS = frozenset(p.symbol for p in GICV4_PROBES)
 
 
 def probe_specs(release: str) -> list[ProbeSpec]:
@@ -75,10 +102,27 @@ def probe_specs(release: str) -> list[ProbeSpec]:
         # fd and GSI of each KVM_IRQFD: the next consumer registered by the task is its irqfd.
         ProbeSpec("kvm_irqfd", "kvm_irqfd",
                   "fd=+0($arg2):s32 gsi=+4($arg2):u32 flags=+8($arg2):x32", optional=True),
+        *GICV4_PROBES,
     ]
 
 
 TRACEPOINTS = ("kvm/kvm_pi_irte_update",)
+
+# What witnesses one posting model only: its absence on a host of the other needs no note.
+POSTING_ONLY = {**{symbol: PostingModel.VLPI for symbol in GICV4_SYMBOLS},
+                **{tp: PostingModel.IRTE for tp in TRACEPOINTS}}
+
+
+def relevant_skips(skipped: Iterable[str], posting: PostingModel | None) -> list[str]:
+    """The session's skip notes that matter on a host posting by ``posting`` (None: not
+    known, all of them): an IRTE host lacks the GICv4 functions, a vLPI host the
+    posted-IRTE tracepoint."""
+    out = []
+    for note in skipped:
+        subject = note.removeprefix("tracepoint ").split(":", 1)[0]
+        if posting is None or POSTING_ONLY.get(subject, posting) is posting:
+            out.append(note)
+    return out
 
 
 @dataclass(frozen=True)
@@ -106,6 +150,7 @@ class KernelProducer(Producer):
 
     def __init__(self, addr: int) -> None:
         self.addr = addr
+        self.pid: int | None = None  # the task of its latest registration
 
     def __repr__(self) -> str:
         return f"<KernelProducer {self.addr:#x} irq={self.irq}>"
@@ -148,6 +193,27 @@ class PostedState:
     timestamp: float
 
 
+@dataclass
+class _Forwarding:
+    """A kvm_vgic_v4_set_forwarding call in flight on one task, with its its_map_vlpi."""
+
+    record: TraceRecord
+    virq: int
+    map_irq: int | None = None
+    map_ret: int | None = None
+
+
+@dataclass(frozen=True)
+class VlpiState:
+    """Whether a host irq is forwarded as a vLPI (GICv4), and the record that said so."""
+
+    host_irq: int
+    mapped: bool
+    pid: int  # the task of that record (a QEMU thread, or a kworker for a teardown)
+    timestamp: float
+    cause: str
+
+
 @dataclass(frozen=True)
 class Wiring:
     """What the tracker saw for one assigned vector, as the verdict weighs it."""
@@ -157,6 +223,8 @@ class Wiring:
     connected: bool
     posted: bool = False
     detail: str = ""
+    vlpi: bool = False  # posted as a GICv4 vLPI (arm64), not through a posted IRTE
+    state: VgicAgreement | None = None  # the VM's vgic-state against the trace, when read
 
 
 @dataclass(frozen=True)
@@ -175,10 +243,19 @@ class VectorWiring:
     posted: bool
     vcpu: int | None
     guest_vector: int | None
+    vlpi_mapped: bool = False  # its_map_vlpi's mapping of this host irq is in force
+    forwarding_calls: int = 0  # kvm_vgic_v4_set_forwarding entries traced for this host irq
+    task: int | None = None  # the task that registered the producer (or forwarded it)
+    state: VgicAgreement | None = None  # filled in by the host side from vgic-state
+
+    @property
+    def vlpi(self) -> bool:
+        """Posted as a vLPI: connected, and the GICv4 mapping in force."""
+        return self.connected and self.vlpi_mapped
 
     def as_verdict_wiring(self) -> Wiring:
         return Wiring(self.producer, self.consumer, self.connected, self.posted,
-                      self.describe())
+                      self.describe(), self.vlpi, self.state)
 
     def describe(self) -> str:
         if not self.producer:
@@ -189,10 +266,17 @@ class VectorWiring:
         gsi = f" GSI {self.gsi}" if self.gsi is not None else ""
         if not self.connected:
             return f"host irq {self.host_irq}, {token}: KVM irqfd{gsi} present but not connected"
+        if self.vlpi:
+            return (f"host irq {self.host_irq}, {token}: connected to KVM irqfd{gsi}, "
+                    "forwarded as a vLPI (GICv4 direct injection)")
         if self.posted:
             return (f"host irq {self.host_irq}, {token}: connected to KVM irqfd{gsi}, "
                     f"posted to vCPU {self.vcpu} vector {self.guest_vector:#x}"
                     if self.guest_vector is not None else "posted")
+        if self.forwarding_calls:
+            return (f"host irq {self.host_irq}, {token}: connected to KVM irqfd{gsi}, not "
+                    f"posted (kvm_vgic_v4_set_forwarding entered {self.forwarding_calls} "
+                    "time(s), no vLPI mapping in force)")
         return f"host irq {self.host_irq}, {token}: connected to KVM irqfd{gsi}, not posted"
 
     def to_dict(self) -> dict[str, Any]:
@@ -202,6 +286,9 @@ class VectorWiring:
                 "producer": self.producer, "consumer": self.consumer,
                 "connected": self.connected, "gsi": self.gsi, "posted": self.posted,
                 "vcpu": self.vcpu, "guest_vector": self.guest_vector,
+                "vlpi_mapped": self.vlpi_mapped, "forwarding_calls": self.forwarding_calls,
+                "task": self.task,
+                "state": self.state.to_dict() if self.state is not None else None,
                 "summary": self.describe()}
 
 
@@ -214,6 +301,8 @@ class BypassTracker:
         self.consumers: dict[int, KernelConsumer] = {}
         self.anomalies: list[Anomaly] = []
         self.posted: dict[int, PostedState] = {}
+        self.vlpi: dict[int, VlpiState] = {}  # host irq -> its GICv4 vLPI mapping (arm64)
+        self.forwarding_calls: dict[int, int] = {}  # host irq -> set_forwarding entries
         self.counts: dict[str, int] = {}
         # Without the add_producer probes the kernel's connects cannot be compared.
         self.connect_probes = connect_probes
@@ -222,6 +311,8 @@ class BypassTracker:
         # Producers the model disconnected in an unregister on this task: the kernel's
         # del_producer record for them comes next, nested in the same call.
         self._disconnecting: dict[int, set[int]] = {}
+        self._forwarding: dict[int, _Forwarding] = {}  # pid -> set_forwarding in flight
+        self._remap: dict[int, TraceRecord] = {}  # pid -> its_map_vlpi outside set_forwarding
 
     def _anomaly(self, record: TraceRecord, kind: str, message: str) -> None:
         log.info("bypass anomaly %s: %s", kind, message)
@@ -298,6 +389,7 @@ class BypassTracker:
             partner.replay_ret = kernel_add_ret
         if call.kind == "producer":
             producer = self.producers.setdefault(call.addr, KernelProducer(call.addr))
+            producer.pid = r.pid
             consumer_self = None
         else:
             consumer_self = self.consumers.setdefault(call.addr, KernelConsumer(call.addr))
@@ -344,7 +436,7 @@ class BypassTracker:
         if producer is not None:
             if producer.consumer is not None:
                 self._disconnecting.setdefault(r.pid, set()).add(producer.addr)
-                self._forget_posting(producer)
+                self._forget_posting(producer, r)
             self.manager.unregister_producer(producer)
 
     def _on_uncons(self, r: TraceRecord) -> None:
@@ -352,7 +444,7 @@ class BypassTracker:
         if consumer is not None:
             if isinstance(consumer.producer, KernelProducer):
                 self._disconnecting.setdefault(r.pid, set()).add(consumer.producer.addr)
-                self._forget_posting(consumer.producer)
+                self._forget_posting(consumer.producer, r)
             self.manager.unregister_consumer(consumer)
 
     def _irq_of_gsi(self, gsi: int) -> int | None:
@@ -370,10 +462,12 @@ class BypassTracker:
                         return call.irq
         return None
 
-    def _forget_posting(self, producer: KernelProducer) -> None:
+    def _forget_posting(self, producer: KernelProducer, r: TraceRecord) -> None:
         # A disconnect ends any posting of the pair, and before 6.17 KVM traces no IRTE update
         # when it does (nor when a reconnect falls back to remapped mode): an "enabled" seen
-        # for an earlier connection must not vouch for the next one.
+        # for an earlier connection must not vouch for the next one.  A vLPI mapping is not
+        # cleared here: on arm64 the nested del_producer must unset the forwarding itself, and
+        # a mapping that outlives its pair is exactly what left_forwarded() reports.
         self.posted.pop(producer.irq, None)
 
     def _on_disconnect(self, r: TraceRecord) -> None:
@@ -402,6 +496,101 @@ class BypassTracker:
                                        int(match.group("vcpu")), int(match.group("gsi"), 16),
                                        int(match.group("gvec"), 16), r.timestamp)
 
+    # --- arm64: GICv4 forwarding (vLPI mappings) ---------------------------------------------
+
+    def _set_vlpi(self, r: TraceRecord, irq: int, mapped: bool, cause: str) -> None:
+        if not mapped and irq not in self.vlpi:
+            return  # nothing was mapped: a teardown of a pair never forwarded
+        self.vlpi[irq] = VlpiState(irq, mapped, r.pid, r.timestamp, cause)
+
+    def left_forwarded(self) -> list[VlpiState]:
+        """vLPI mappings still in force for a host irq that no connected pair uses any more:
+        the device would keep posting to the vCPU after its irqfd or vectors went away."""
+        connected = {p.irq for p in self.producers.values() if p.consumer is not None}
+        return [v for irq, v in sorted(self.vlpi.items()) if v.mapped and irq not in connected]
+
+    def _vlpi_mapped(self, irq: int) -> bool:
+        state = self.vlpi.get(irq)
+        return bool(state and state.mapped)
+
+    def _on_fwd(self, r: TraceRecord) -> None:
+        virq = r.int("virq")
+        if virq is None:
+            return
+        self.forwarding_calls[virq] = self.forwarding_calls.get(virq, 0) + 1
+        self._forwarding[r.pid] = _Forwarding(r, virq)
+
+    def _on_mapvlpi(self, r: TraceRecord) -> None:
+        irq = r.int("irq")
+        if irq is None:
+            return
+        call = self._forwarding.get(r.pid)
+        if call is None or call.map_irq is not None:
+            # Not inside set_forwarding: the vITS moving a mapped vLPI (MOVI, MOVALL).
+            self._remap[r.pid] = r
+            return
+        call.map_irq = irq
+        if irq != call.virq:
+            self._anomaly(r, "vlpi-irq-mismatch", f"kvm_vgic_v4_set_forwarding of host irq "
+                          f"{call.virq} mapped host irq {irq} as a vLPI")
+
+    def _on_mapvlpi_ret(self, r: TraceRecord) -> None:
+        ret = r.int("ret")
+        call = self._forwarding.get(r.pid)
+        if call is not None and call.map_irq is not None and call.map_ret is None:
+            call.map_ret = ret
+            if ret == 0:
+                self._set_vlpi(r, call.map_irq, True, "its_map_vlpi returned 0 in "
+                               f"kvm_vgic_v4_set_forwarding of host irq {call.virq}")
+            return
+        entry = self._remap.pop(r.pid, None)
+        if entry is None:
+            return  # its entry happened before tracing started
+        irq = entry.int("irq") or 0
+        if ret != 0:
+            self._anomaly(r, "vlpi-remap-failed", f"its_map_vlpi of host irq {irq} outside "
+                          f"kvm_vgic_v4_set_forwarding returned {ret}: whether the vLPI is "
+                          "still mapped is unknown")
+        elif not self._vlpi_mapped(irq):
+            self._anomaly(r, "vlpi-remap-unknown", f"its_map_vlpi of host irq {irq} returned "
+                          "0 outside kvm_vgic_v4_set_forwarding, for a host irq the trace "
+                          "never saw forwarded: not counted as a mapping")
+
+    def _on_fwd_ret(self, r: TraceRecord) -> None:
+        call = self._forwarding.pop(r.pid, None)
+        if call is None:
+            return  # the entry happened before tracing started
+        ret = r.int("ret")
+        if call.map_irq is None:
+            return  # returned before mapping: GICv4 off in KVM, no vITS, or no LPI yet
+        if call.map_ret is None:  # no its_map_vlpi return record: set_forwarding's decides
+            if ret == 0:
+                self._set_vlpi(r, call.map_irq, True, "kvm_vgic_v4_set_forwarding returned 0 "
+                               "after its_map_vlpi")
+            else:
+                self._anomaly(r, "vlpi-map-unknown", f"kvm_vgic_v4_set_forwarding of host irq "
+                              f"{call.virq} returned {ret} after its_map_vlpi, whose result "
+                              "was not traced: not counted as a mapping")
+        elif call.map_ret == 0 and ret != 0:
+            # KVM set the vLPI's hw flag before failing on the pending-state transfer.
+            self._anomaly(r, "forwarding-failed-after-map", f"its_map_vlpi mapped host irq "
+                          f"{call.map_irq} but kvm_vgic_v4_set_forwarding returned {ret}: the "
+                          "vLPI stays mapped while the bypass connect fails")
+        elif call.map_ret != 0 and ret == 0:
+            self._anomaly(r, "forwarding-ret-mismatch", f"its_map_vlpi of host irq "
+                          f"{call.map_irq} returned {call.map_ret}, yet "
+                          "kvm_vgic_v4_set_forwarding returned 0")
+
+    def _on_unfwd(self, r: TraceRecord) -> None:
+        virq = r.int("virq")
+        if virq is not None:
+            self._set_vlpi(r, virq, False, "kvm_vgic_v4_unset_forwarding")
+
+    def _on_unmapvlpi(self, r: TraceRecord) -> None:
+        irq = r.int("irq")
+        if irq is not None:
+            self._set_vlpi(r, irq, False, "its_unmap_vlpi")
+
     # --- answers -----------------------------------------------------------------------------
 
     def producer_for_irq(self, irq: int) -> KernelProducer | None:
@@ -421,15 +610,20 @@ class BypassTracker:
             consumer = self.manager.consumer_for(token) if token is not None else None
             connected = token is not None and self.manager.is_connected(token)
             pi = self.posted.get(irq)
-            posted = bool(connected and pi and pi.enabled)
+            irte_posted = bool(connected and pi and pi.enabled)
+            vlpi = self.vlpi.get(irq)
+            vlpi_mapped = bool(vlpi and vlpi.mapped)
             gsi = consumer.gsi if isinstance(consumer, KernelConsumer) else None
             answers.append(VectorWiring(
                 bdf=line.vector.bdf, entry=line.vector.entry, kind=line.vector.kind,
                 host_irq=irq, token=token if isinstance(token, int) else None,
                 producer=producer is not None, consumer=consumer is not None,
                 connected=connected, gsi=gsi if gsi is not None else (pi.gsi if pi else None),
-                posted=posted, vcpu=pi.vcpu if posted and pi else None,
-                guest_vector=pi.guest_vector if posted and pi else None))
+                posted=irte_posted or (connected and vlpi_mapped),
+                vcpu=pi.vcpu if irte_posted and pi else None,
+                guest_vector=pi.guest_vector if irte_posted and pi else None,
+                vlpi_mapped=vlpi_mapped, forwarding_calls=self.forwarding_calls.get(irq, 0),
+                task=vlpi.pid if vlpi_mapped and vlpi else producer.pid if producer else None))
         return answers
 
     def summary(self) -> dict[str, Any]:
@@ -437,4 +631,6 @@ class BypassTracker:
                 "tokens": [{"token": f"{s.token:#x}" if isinstance(s.token, int) else s.token,
                             "producer_irq": s.producer_irq, "consumer": s.has_consumer,
                             "connected": s.connected} for s in self.manager.snapshot()],
+                "vlpis": {irq: {"mapped": v.mapped, "cause": v.cause, "pid": v.pid}
+                          for irq, v in sorted(self.vlpi.items())},
                 "anomalies": [a.__dict__ for a in self.anomalies]}

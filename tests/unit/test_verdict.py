@@ -7,6 +7,7 @@ import pytest
 from harness.bypass.tracker import Wiring
 from harness.config import load_scenario_text
 from harness.config.model import DeliveryPath, Expectation
+from harness.host.vgic import VgicAgreement
 from harness.verdict import (
     BOUNCE_MIN_RATIO,
     POSTED_MAX_RATIO,
@@ -109,6 +110,69 @@ def test_inconsistent_wiring_is_inconclusive_and_shows_it() -> None:
     assert path is None
     assert "host 50 / guest 50 = 1.00" in reason
     assert "producer=False consumer=True connected=False" in reason
+
+
+# --- arm64: GICv4 vLPIs and the VM's vgic-state ---------------------------------------------------
+
+VLPI = Wiring(producer=True, consumer=True, connected=True, posted=True, vlpi=True)
+
+
+def vgic(hw_lpis: int, traced: tuple[int, ...]) -> VgicAgreement:
+    return VgicAgreement(301, ("/sys/kernel/debug/kvm/301-11/vgic-state",), 3, hw_lpis,
+                         traced, "task 306 belongs to process 301")
+
+
+def with_state(wiring: Wiring, state: VgicAgreement) -> Wiring:
+    return Wiring(wiring.producer, wiring.consumer, wiring.connected, wiring.posted,
+                  wiring.detail, wiring.vlpi, state)
+
+
+def test_posted_vlpi_with_agreeing_state_names_the_mechanism_and_the_state() -> None:
+    path, reason = classify(False, 102, 0, with_state(VLPI, vgic(3, (26, 27, 28))))
+    assert path is DeliveryPath.POSTED
+    assert reason == ("forwarded as a vLPI (GICv4 direct injection) and the host did not see "
+                      "the IRQs (host 0 / guest 102 = 0.00); vgic-state agrees: VM of pid 301: "
+                      "3 of 3 LPIs with H (hw) set in vgic-state, 3 vLPI mapping(s) in force "
+                      "in the trace (host irqs 26, 27, 28)")
+
+
+def test_posted_vlpi_without_state_says_it_was_not_read() -> None:
+    path, reason = classify(False, 102, 0, VLPI)
+    assert path is DeliveryPath.POSTED and reason.endswith("; vgic-state not read")
+
+
+@pytest.mark.parametrize(("hw", "traced", "says"), [
+    (0, (26, 27, 28), "forwarded in the trace but no H LPIs"),
+    (2, (26, 27, 28), "forwarded in the trace but too few H LPIs"),
+    (3, (), "H LPIs without traced forwarding"),
+])
+@pytest.mark.parametrize(("wiring", "host"), [(VLPI, 0), (CONNECTED, 102)])
+def test_a_state_that_contradicts_the_trace_gives_no_verdict(
+        hw: int, traced: tuple[int, ...], says: str, wiring: Wiring, host: int) -> None:
+    path, reason = classify(False, 102, host, with_state(wiring, vgic(hw, traced)))
+    assert path is None
+    assert reason.startswith(f"the bypass trace and the kernel's vgic-state disagree, {says}")
+    assert f"{hw} of 3 LPIs with H (hw) set" in reason
+    assert reason.endswith(f"(host {host} / guest 102 = {host / 102:.2f})")
+
+
+def test_an_agreeing_state_without_vlpis_leaves_the_bounce_verdicts_alone() -> None:
+    assert classify(False, 102, 102, with_state(CONNECTED, vgic(0, ())))[0] is (
+        DeliveryPath.IRQFD_BOUNCE)
+    assert classify(False, 101, 101, with_state(PRODUCER_ONLY, vgic(0, ())))[0] is (
+        DeliveryPath.USERSPACE_BOUNCE)
+
+
+def test_vlpi_with_too_many_host_irqs_names_the_vlpi() -> None:
+    path, reason = classify(False, 1000, 300, VLPI)
+    assert path is None
+    assert "forwarded as a vLPI, yet the host saw more IRQs than posting allows" in reason
+
+
+def test_x86_posted_reason_is_unchanged() -> None:
+    assert classify(False, 1000, 3, POSTED) == (
+        DeliveryPath.POSTED, "IRTE posted and the host did not see the IRQs "
+        "(host 3 / guest 1000 = 0.00)")
 
 
 # --- check --------------------------------------------------------------------------------------
