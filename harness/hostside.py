@@ -21,7 +21,7 @@ import platform
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
+from types import MappingProxyType, TracebackType
 
 from harness.bypass.live import bypass_session
 from harness.bypass.tracker import (
@@ -156,6 +156,20 @@ def join_vgic_state(wiring: Sequence[VectorWiring], vlpis: Mapping[int, VlpiStat
     return VgicJoin(tuple(joined), tuple(anomalies), tuple(notes))
 
 
+@dataclass(frozen=True)
+class ReleaseState:
+    """What the release-stage workloads left behind: posting that outlived its vectors."""
+
+    left: tuple[tuple[str | None, VlpiState], ...]  # (device BDF if known, mapping in force)
+    hw_lpis: Mapping[int, int | None]  # QEMU pid -> its VM's LPIs with the hw bit (None: unread)
+    notes: tuple[str, ...]
+
+    def left_for(self, bdf: str) -> tuple[VlpiState, ...]:
+        """Mappings of the device's host irqs that are still in force (and, when the device
+        cannot be told, those of no known device)."""
+        return tuple(v for dev, v in self.left if dev in (bdf, None))
+
+
 class HostEvidence:
     """Preflight and bypass tracing of the host for the given assigned devices."""
 
@@ -226,7 +240,7 @@ class HostEvidence:
         (self.run_dir / f"host.{label}.interrupts").write_text(text)
         return HostSnapshot(text, parse_proc_interrupts(text, source="host:/proc/interrupts"))
 
-    def read_vgic(self) -> tuple[tuple[VmVgic, ...], tuple[str, ...]]:
+    def read_vgic(self, label: str = "") -> tuple[tuple[VmVgic, ...], tuple[str, ...]]:
         """Every KVM VM's vgic-state, saved as ``host.vgic-state.<pid>-<fd>``; call while the
         guests run (a VM's directory goes with it).  No debugfs, no KVM or no file: a note."""
         try:
@@ -241,8 +255,34 @@ class HostEvidence:
         vms = tuple(read_vgic_state(path) for _, _, path in dirs)
         for vm in vms:
             if vm.text:
-                (self.run_dir / f"host.vgic-state.{vm.pid}-{vm.fd}").write_text(vm.text)
+                name = f"host.vgic-state{'.' + label if label else ''}.{vm.pid}-{vm.fd}"
+                (self.run_dir / name).write_text(vm.text)
         return vms, tuple(f"vgic-state not read: {vm.note}" for vm in vms if vm.state is None)
+
+    def release_state(self, window_end: HostSnapshot, qemu_pids: Sequence[int]) -> ReleaseState:
+        """After the release-stage workloads, while the guests still run: every vLPI mapping
+        the whole trace leaves in force without its pair (joined to its device through the
+        host irq's vfio line at the window's end), and each of ``qemu_pids``' VMs' hw LPIs."""
+        notes: list[str] = []
+        left: list[tuple[str | None, VlpiState]] = []
+        if self._session is None or not self._forwarding_probes:
+            notes.append("release not traced: " + (self.wiring_note or "no forwarding probes"))
+        else:
+            trace = self._session.read()
+            (self.run_dir / "host.bypass.release.trace").write_text(trace)
+            tracker = BypassTracker(connect_probes=self._connect_probes)
+            tracker.feed(parse_trace(trace.splitlines()))
+            by_irq = {line.label: line.vector.bdf for line in window_end.interrupts.lines
+                      if line.vector is not None}
+            left = [(by_irq.get(str(v.host_irq)), v) for v in tracker.left_forwarded()]
+        hw: dict[int, int | None] = {pid: None for pid in qemu_pids}
+        if self.posting is PostingModel.VLPI:
+            vms, vgic_notes = self.read_vgic("release")
+            notes += vgic_notes
+            for vm in vms:
+                if vm.pid in hw and vm.state is not None:
+                    hw[vm.pid] = len(vm.state.hw_lpis)
+        return ReleaseState(tuple(left), MappingProxyType(hw), tuple(notes))
 
     def measure(self, before: HostSnapshot, after: HostSnapshot) -> HostMeasurement:
         """Counts, wiring and (arm64) vgic-state; call while the guests still run (the trace

@@ -20,14 +20,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
 
-from harness.config.model import Scenario
+from harness.config.model import Scenario, Stage
 from harness.errors import HarnessError
 from harness.guest.agent import GuestSnapshot
 from harness.host.binding import VfioBinding
-from harness.hostside import HostEvidence, HostMeasurement, HostSnapshot
+from harness.hostside import HostEvidence, HostMeasurement, HostSnapshot, ReleaseState
 from harness.qemu.argv import PlacedDevice
 from harness.result import HostFindings, Phase, RunResult, VMSummary, WorkloadResult
-from harness.verdict import ExpectationResult, VectorVerdict, check, classify
+from harness.verdict import ExpectationResult, VectorVerdict, check, check_released, classify
 from harness.vm import GuestVM
 
 log = logging.getLogger(__name__)
@@ -137,11 +137,13 @@ def snapshot(vms: tuple[GuestVM, ...], host: HostEvidence | None, label: str,
 
 
 def run_workloads(scenario: Scenario, vms: tuple[GuestVM, ...], run_dir: Path,
-                  progress: Progress) -> tuple[WorkloadResult, ...]:
-    """The scenario's workloads in order; the output goes to ``<vm>.workload.log``."""
+                  progress: Progress, stage: Stage = Stage.MEASURE
+                  ) -> tuple[WorkloadResult, ...]:
+    """The scenario's workloads of ``stage`` in order; the output goes to
+    ``<vm>.workload.log``."""
     by_name = {vm.name: vm for vm in vms}
     results = []
-    for workload in scenario.workloads:
+    for workload in (w for w in scenario.workloads if w.stage is stage):
         label = workload.name or " ".join(workload.run)
         progress(f"{workload.vm}: running {label}")
         done = by_name[workload.vm].run(workload.run, workload.timeout_s)
@@ -151,6 +153,30 @@ def run_workloads(scenario: Scenario, vms: tuple[GuestVM, ...], run_dir: Path,
         with (run_dir / f"{workload.vm}.workload.log").open("a") as log_file:
             log_file.write(f"$ {label}\n{done.stdout}{done.stderr}[exit {done.exit_status}]\n")
     return tuple(results)
+
+
+def check_release(scenario: Scenario, vms: tuple[GuestVM, ...],
+                  expectations: tuple[ExpectationResult, ...],
+                  state: ReleaseState | None) -> tuple[ExpectationResult, ...]:
+    """Each ``released: true`` expectation, judged on what the release stage left behind."""
+    out = []
+    pids = {vm.name: vm.machine.pid if vm.machine else None for vm in vms}
+    devices = {(vm.name, p.device.id): p.device.assigned_host for vm in vms for p in vm.placed}
+    for result in expectations:
+        e = result.expectation
+        if not e.released:
+            out.append(result)
+            continue
+        bdf = devices.get((e.vm, e.device))
+        if state is None:
+            out.append(check_released(result, bdf, [(0, "no host evidence")], None, ()))
+            continue
+        pid = pids.get(e.vm)
+        left = [(v.host_irq, v.cause) for v in state.left_for(bdf or "")]
+        out.append(check_released(result, bdf, left,
+                                  state.hw_lpis.get(pid) if pid is not None else None,
+                                  state.notes))
+    return tuple(out)
 
 
 def judge(scenario: Scenario, vms: tuple[GuestVM, ...], before: Window, after: Window,
@@ -227,6 +253,21 @@ def run_scenario(scenario: Scenario, scenario_file: str, run_dir: Path,
                             run.result.host.notes + measured.notes()))
                     verdicts, expectations = judge(scenario, vms, before, after, measured)
                     run.update(verdicts=verdicts, expectations=expectations)
+                if any(w.stage is Stage.RELEASE for w in scenario.workloads):
+                    with run.phase("release"):
+                        released = run_workloads(scenario, vms, run_dir, progress,
+                                                 Stage.RELEASE)
+                        run.update(workloads=run.result.workloads + released)
+                        state = None
+                        if host is not None:
+                            assert after.host is not None
+                            state = host.release_state(
+                                after.host, [pid for vm in vms if vm.machine
+                                             and (pid := vm.machine.pid) is not None])
+                            run.update(host=dataclasses.replace(
+                                run.result.host, notes=run.result.host.notes + state.notes))
+                        run.update(expectations=check_release(
+                            scenario, vms, run.result.expectations, state))
             finally:
                 run.update(console_tails=MappingProxyType(
                     {vm.name: vm.console_tail() for vm in vms}))

@@ -8,6 +8,7 @@ follow the table in ARCHITECTURE.md.
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -141,3 +142,30 @@ def check(expectation: Expectation, verdicts: Sequence[VectorVerdict]) -> Expect
                                  tuple(chosen))
     return ExpectationResult(expectation, True, f"{what}: {len(chosen)} vector(s), "
                              f"{total} interrupts", tuple(chosen))
+
+
+def check_released(result: ExpectationResult, bdf: str | None,
+                   left: Sequence[tuple[int, str]], hw_lpis: int | None,
+                   notes: Sequence[str]) -> ExpectationResult:
+    """``released: true``: after the release-stage workloads nothing of the device may still
+    be forwarded to a vCPU.  ``left`` holds (host irq, what mapped it) of every mapping the
+    trace leaves in force without its pair; ``hw_lpis`` the VM's LPIs with the hw bit now
+    (None: vgic-state unreadable, said in ``notes``)."""
+    what = f"{result.expectation.vm}/{result.expectation.device} released"
+    problems = []
+    if bdf is None:
+        problems.append("the device has no host address to join the trace to")
+    if left:
+        problems.append("still forwarded after the release: " + ", ".join(
+            f"host irq {irq} ({cause})" for irq, cause in left))
+    if hw_lpis:
+        problems.append(f"vgic-state still shows {hw_lpis} LPI(s) with the hw bit")
+    state = ("vgic-state: no hw LPI left" if hw_lpis == 0 else
+             "vgic-state not read" + (f" ({'; '.join(notes)})" if notes else "")
+             if hw_lpis is None else "")
+    if problems:
+        return dataclasses.replace(result, passed=False, message=(
+            f"{result.message}; {what}: " + "; ".join(problems)))
+    return dataclasses.replace(result, message=(
+        f"{result.message}; {what}: nothing left forwarded (every vLPI mapping the trace saw "
+        f"was undone{'; ' + state if state else ''})"))

@@ -377,7 +377,7 @@ class _Checker:
         for i, workload in enumerate(scenario.workloads):
             self.vm_named(vms, workload.vm, f"workloads[{i}].vm")
         for i, expectation in enumerate(scenario.expect):
-            self.check_expectation(vms, expectation, f"expect[{i}]")
+            self.check_expectation(vms, expectation, f"expect[{i}]", scenario.workloads)
 
     def check_devices(self, vm: model.VM, path: str) -> None:
         ids: dict[str, int] = {}
@@ -458,7 +458,7 @@ class _Checker:
         return vms[name]
 
     def check_expectation(self, vms: dict[str, model.VM], expectation: model.Expectation,
-                          path: str) -> None:
+                          path: str, workloads: tuple[model.Workload, ...]) -> None:
         vm = self.vm_named(vms, expectation.vm, f"{path}.vm")
         devices = {device.id: device for device in vm.devices}
         if expectation.device not in devices:
@@ -468,6 +468,15 @@ class _Checker:
                              f"its devices: {', '.join(devices)}")
         device = devices[expectation.device]
         self.check_path(device, expectation.path, f"{path}.path")
+        if expectation.released:
+            if device.assigned_host is None:
+                raise self.error(f"{path}.released", f"{device.kind} {device.id!r} is emulated: "
+                                 "nothing of it is ever forwarded to a vCPU; released: true "
+                                 "is for an assigned device")
+            if not any(w.vm == vm.name and w.stage is model.Stage.RELEASE
+                       for w in workloads):
+                raise self.error(f"{path}.released", f"VM {vm.name!r} has no workload with "
+                                 "stage: release to take the device's vectors away")
         for k, vector in enumerate(expectation.vectors):
             self.check_vector(vector, f"{path}.vectors[{k}]")
 

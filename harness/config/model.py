@@ -19,9 +19,8 @@ from harness.config.fields import doc
 from harness.platform import Accel, Arch
 
 __all__ = ["VM", "Accel", "Arch", "BuiltinImage", "CloudImage", "DeliveryPath", "Device",
-           "E1000e", "Expectation", "Image", "KernelImage", "LabSettings", "Scenario", "Timeouts",
-           "VfioPci",
-           "VirtioBlk", "VirtioNet", "Workload", "doc", "entry_number"]
+           "E1000e", "Expectation", "Image", "KernelImage", "LabSettings", "Scenario", "Stage",
+           "Timeouts", "VfioPci", "VirtioBlk", "VirtioNet", "Workload", "doc", "entry_number"]
 
 _ENTRY = re.compile(r"[-+]?[0-9]+")  # ASCII digits only: "²".isdigit() is True
 
@@ -108,12 +107,23 @@ class VM:
         "extra QEMU arguments, appended as given (an argv list, never a shell string)"))
 
 
+class Stage(enum.StrEnum):
+    """When a workload runs, relative to the measurement window."""
+
+    MEASURE = "measure"
+    RELEASE = "release"
+
+
 @dataclass(frozen=True)
 class Workload:
     vm: str = field(metadata=doc("VM that runs it"))
     run: tuple[str, ...] = field(metadata=doc("argv run in the guest over SSH", minItems=1))
     name: str = field(default="", metadata=doc("label in reports (default: the argv)"))
     timeout_s: float = field(default=60.0, metadata=doc("time limit", exclusiveMinimum=0))
+    stage: Stage = field(default=Stage.MEASURE, metadata=doc(
+        "measure: inside the measurement window (between the two snapshots); release: after "
+        "the window closed, for steps that take a device's vectors away (unbind its guest "
+        "driver, hot-unplug), whose aftermath expectations with released: true check"))
 
 
 @dataclass(frozen=True)
@@ -127,6 +137,10 @@ class Expectation:
     min_delta: int = field(default=1, metadata=doc(
         "each named vector must deliver at least this many interrupts; with no vectors "
         "named, the device's vectors together", minimum=0))
+    released: bool = field(default=False, metadata=doc(
+        "an assigned device whose vectors the release-stage workloads take away: after them, "
+        "none may be left forwarded to a vCPU (every posting mapping the trace saw undone, "
+        "and no hw LPI left in vgic-state where it is readable)"))
 
 
 @dataclass(frozen=True)

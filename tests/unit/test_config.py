@@ -273,6 +273,16 @@ INVALID: list[tuple[str, str, bool]] = [
     ("bad-addr-duplicate.yaml",
      "bad-addr-duplicate.yaml:10: vms[0].devices[1].addr: slot 0x05 is already used by 'net0' "
      "(line 7)", False),
+    ("bad-released-emulated.yaml",
+     "bad-released-emulated.yaml:12: expect[0].released: virtio-net 'net0' is emulated: "
+     "nothing of it is ever forwarded to a vCPU; released: true is for an assigned device",
+     False),
+    ("bad-released-no-stage.yaml",
+     "bad-released-no-stage.yaml:13: expect[0].released: VM 'vm' has no workload with stage: "
+     "release to take the device's vectors away", False),
+    ("bad-stage.yaml",
+     "bad-stage.yaml:7: workloads[0].stage: unknown value 'after'; allowed values: measure, "
+     "release", True),
     ("bad-network-duplicate.yaml",
      "bad-network-duplicate.yaml:10: vms[0].devices[1].network: 10.0.7.0/24 is already the "
      "network of 'net0' (line 7); each NIC of a VM needs its own", False),

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from harness.bypass.tracker import Wiring
@@ -11,8 +13,10 @@ from harness.host.vgic import VgicAgreement
 from harness.verdict import (
     BOUNCE_MIN_RATIO,
     POSTED_MAX_RATIO,
+    ExpectationResult,
     VectorVerdict,
     check,
+    check_released,
     classify,
 )
 
@@ -317,3 +321,37 @@ def test_non_ascii_digit_pattern_does_not_crash_check() -> None:
     result = check(scenario.expect[0], VIRTIO_NET)
     assert not result.passed
     assert "no vector matches ²" in result.message
+
+
+# --- released: nothing left forwarded after the release stage --------------------------------
+
+
+def _posted_result() -> ExpectationResult:
+    e = Expectation(vm="l2", device="nic", path=DeliveryPath.POSTED, released=True)
+    return ExpectationResult(e, True, "l2/nic expects posted: 2 vector(s), 409 interrupts")
+
+
+def test_released_passes_when_nothing_is_left_and_says_how_it_knows() -> None:
+    done = check_released(_posted_result(), "0000:00:05.0", [], 0, ())
+    assert done.passed
+    assert done.message.endswith("l2/nic released: nothing left forwarded (every vLPI mapping "
+                                 "the trace saw was undone; vgic-state: no hw LPI left)")
+    unread = check_released(_posted_result(), "0000:00:05.0", [], None, ("no debugfs",))
+    assert unread.passed and "vgic-state not read (no debugfs)" in unread.message
+
+
+@pytest.mark.parametrize(("left", "hw", "shown"), [
+    ([(35, "its_map_vlpi returned 0 in kvm_vgic_v4_set_forwarding")], 0,
+     "still forwarded after the release: host irq 35 (its_map_vlpi returned 0"),
+    ([], 2, "vgic-state still shows 2 LPI(s) with the hw bit"),
+])
+def test_released_fails_on_a_mapping_left_in_force_by_either_witness(
+        left: list[tuple[int, str]], hw: int, shown: str) -> None:
+    done = check_released(_posted_result(), "0000:00:05.0", left, hw, ())
+    assert not done.passed and shown in done.message
+    assert done.message.startswith("l2/nic expects posted: 2 vector(s)")  # the path part kept
+
+
+def test_released_does_not_rescue_a_failed_path() -> None:
+    failed = dataclasses.replace(_posted_result(), passed=False)
+    assert not check_released(failed, "0000:00:05.0", [], 0, ()).passed
