@@ -83,3 +83,16 @@ class ImageError(HarnessError):
     """A guest image could not be built or found."""
 
     exit_code = 3
+
+
+class TextParseError(HarnessError):
+    """Text that is not what its source prints (``/proc/interrupts``, ``vgic-state``):
+    ``source:line: reason``."""
+
+    exit_code = 2
+
+    def __init__(self, source: str, line: int, reason: str) -> None:
+        self.source = source
+        self.line = line
+        self.reason = reason
+        super().__init__(f"{source or '<text>'}:{line}: {reason}")

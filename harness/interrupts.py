@@ -12,7 +12,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Literal
 
-from harness.errors import HarnessError
+from harness.errors import TextParseError
 
 log = logging.getLogger(__name__)
 
@@ -20,16 +20,8 @@ VectorKind = Literal["msi", "msix", "msi-or-msix"]
 DeltaStatus = Literal["both", "appeared", "vanished"]
 
 
-class InterruptsParseError(HarnessError):
+class InterruptsParseError(TextParseError):
     """``/proc/interrupts`` text that is not what the kernel prints: ``source:line: reason``."""
-
-    exit_code = 2
-
-    def __init__(self, source: str, line: int, reason: str) -> None:
-        self.source = source
-        self.line = line
-        self.reason = reason
-        super().__init__(f"{source or '<text>'}:{line}: {reason}")
 
 
 # --- identities ----------------------------------------------------------------------------

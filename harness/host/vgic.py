@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from harness.errors import HarnessError
+from harness.errors import TextParseError
 from harness.interrupts import InterruptDelta
 
 log = logging.getLogger(__name__)
@@ -34,16 +34,8 @@ DOORBELL_CHIPS = frozenset({"GICv4-vpe", "GICv4.1-vpe"})
 DOORBELL_ACTION = "vcpu"
 
 
-class VgicStateParseError(HarnessError):
+class VgicStateParseError(TextParseError):
     """``vgic-state`` text that is not what vgic-debug.c prints: ``source:line: reason``."""
-
-    exit_code = 2
-
-    def __init__(self, source: str, line: int, reason: str) -> None:
-        self.source = source
-        self.line = line
-        self.reason = reason
-        super().__init__(f"{source or '<text>'}:{line}: {reason}")
 
 
 # --- the file's values ---------------------------------------------------------------------

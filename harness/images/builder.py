@@ -133,7 +133,8 @@ def _lines(path: Path) -> Iterator[str]:
     return (line for _, line in _numbered_lines(path))
 
 
-def _run(argv: list[str], what: str, cwd: Path | None = None) -> str:
+def run_tool(argv: list[str], what: str, cwd: Path | None = None) -> str:
+    """Run a build tool; its failure is an ImageError naming ``what`` and its last line."""
     try:
         done = subprocess.run(argv, cwd=cwd, capture_output=True, text=True, check=False)
     except FileNotFoundError as exc:
@@ -148,7 +149,7 @@ def _run(argv: list[str], what: str, cwd: Path | None = None) -> str:
 def _apt_show(names: list[str], arch: str) -> dict[str, dict[str, str]]:
     """The candidate version's fields of each package of Debian architecture ``arch``, in one
     apt-cache call."""
-    text = _run(["apt-cache", "show", "--no-all-versions", *(f"{n}:{arch}" for n in names)],
+    text = run_tool(["apt-cache", "show", "--no-all-versions", *(f"{n}:{arch}" for n in names)],
                 f"resolving {arch} packages {' '.join(names)}")
     found: dict[str, dict[str, str]] = {}
     for stanza in text.split("\n\n"):
@@ -321,7 +322,7 @@ def _build(recipe: Recipe, platform: Platform, packages: tuple[PackageRef, ...],
     debs.mkdir()
     arch = platform.package_arch
     progress(f"  downloading {', '.join(p.name for p in packages)} ({arch})")
-    _run(["apt-get", "download", "-q", "-o", "APT::Sandbox::User=root",
+    run_tool(["apt-get", "download", "-q", "-o", "APT::Sandbox::User=root",
           *(f"{p.name}:{arch}={p.version}" for p in packages)], "downloading packages",
          cwd=debs)
     trees: dict[str, Path] = {}
@@ -332,14 +333,14 @@ def _build(recipe: Recipe, platform: Platform, packages: tuple[PackageRef, ...],
         tree = tmp / "x" / ref.name
         tree.mkdir(parents=True)
         progress(f"  extracting {deb.name}")
-        _run(["dpkg-deb", "-x", str(deb), str(tree)], f"extracting {deb.name}")
+        run_tool(["dpkg-deb", "-x", str(deb), str(tree)], f"extracting {deb.name}")
         trees[ref.name] = tree
     if user_kernel is None:
         kernel_ref = next(p for p in packages if p.role == "kernel")
         kernel_tree = trees.pop(kernel_ref.name)
         (vmlinuz,) = (kernel_tree / "boot").glob("vmlinuz-*")
         release = vmlinuz.name.removeprefix("vmlinuz-")
-        _run(["depmod", "-b", str(kernel_tree), release], "running depmod")
+        run_tool(["depmod", "-b", str(kernel_tree), release], "running depmod")
         moddir: Path | None = kernel_tree / "lib" / "modules" / release
     else:
         vmlinuz, moddir = user_kernel.kernel, user_kernel.modules

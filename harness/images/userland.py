@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from harness.errors import ImageError
-from harness.images.builder import PackageRef, cache_root, guest_images_dir
+from harness.images.builder import PackageRef, cache_root, guest_images_dir, run_tool
 from harness.platform import Platform
 
 Progress = Callable[[str], None]
@@ -90,24 +90,11 @@ class UserlandRecipe:
         return sorted(p for p in self.folder.rglob("*") if p.is_file())
 
 
-def _run(argv: list[str], what: str, **kwargs: object) -> str:
-    try:
-        done = subprocess.run(argv, capture_output=True, text=True, check=False,  # noqa: S603
-                              **kwargs)  # type: ignore[call-overload]
-    except FileNotFoundError as exc:
-        raise ImageError(f"{what}: {argv[0]} is not installed") from exc
-    if done.returncode != 0:
-        detail = (done.stderr or done.stdout).strip().splitlines()
-        raise ImageError(f"{what}: {Path(argv[0]).name} exited {done.returncode}: "
-                         f"{detail[-1] if detail else 'no output'}")
-    return str(done.stdout)
-
-
 def resolve(recipe: UserlandRecipe, platform: Platform) -> tuple[PackageRef, ...]:
     """Every package the recipe needs on ``platform``, with its version and archive SHA256."""
     arch = platform.package_arch
     with tempfile.NamedTemporaryFile(prefix="harness-empty-status-") as empty:
-        text = _run(["apt-get", "-s", "-q", "-o", f"Dir::State::status={empty.name}",
+        text = run_tool(["apt-get", "-s", "-q", "-o", f"Dir::State::status={empty.name}",
                      "-o", f"APT::Architecture={arch}", "-o", f"APT::Architectures::={arch}",
                      "-o", "APT::Install-Recommends=false", "install", *recipe.packages],
                     f"resolving the {arch} user space {recipe.name} (run ci/setup: it adds the "
@@ -117,7 +104,7 @@ def resolve(recipe: UserlandRecipe, platform: Platform) -> tuple[PackageRef, ...
         raise ImageError(f"resolving the {arch} user space {recipe.name}: apt chose nothing")
     # The role says how apt names a package: "all" ones carry no architecture.
     refs = [PackageRef("all" if a == "all" else "package", n, v, "") for n, v, a in pins]
-    shown = _run(["apt-cache", "show", *map(_apt_name(arch), refs)],
+    shown = run_tool(["apt-cache", "show", *map(_apt_name(arch), refs)],
                  f"reading the {arch} package index")
     sha = {}
     for stanza in shown.split("\n\n"):
@@ -205,9 +192,9 @@ def _download(packages: tuple[PackageRef, ...], platform: Platform, store: Path,
     if missing:
         progress(f"  downloading {len(missing)} of {len(packages)} packages ({arch})")
         with tempfile.TemporaryDirectory(dir=store) as tmp:
-            _run(["apt-get", "download", "-q", "-o", "APT::Sandbox::User=root",
+            run_tool(["apt-get", "download", "-q", "-o", "APT::Sandbox::User=root",
                   *map(_apt_name(arch), missing)],
-                 "downloading packages", cwd=tmp)
+                 "downloading packages", cwd=Path(tmp))
             for p in missing:
                 (deb,) = Path(tmp).glob(f"{p.name}_*.deb")
                 if p.sha256 and hashlib.sha256(deb.read_bytes()).hexdigest() != p.sha256:
@@ -246,9 +233,9 @@ def _install_wheels(recipe: UserlandRecipe, platform: Platform, python: str, roo
               "--implementation=cp", f"--abi={abi}", "--no-deps", "--quiet",
               "--disable-pip-version-check"]
     progress(f"  fetching the wheels of {recipe.wheels.name} ({platform.uname}, CPython {python})")
-    _run([sys.executable, "-m", "pip", "download", "--require-hashes", *common,
+    run_tool([sys.executable, "-m", "pip", "download", "--require-hashes", *common,
           "-r", str(recipe.wheels), "-d", str(store)], "downloading the lab's wheels")
-    _run([sys.executable, "-m", "pip", "install", "--no-index", "--no-compile", *common,
+    run_tool([sys.executable, "-m", "pip", "install", "--no-index", "--no-compile", *common,
           "--target", str(target), *map(str, sorted(store.glob("*.whl")))],
          "installing the lab's wheels")
 
@@ -263,6 +250,6 @@ def _compile(root: Path, python: str, progress: Progress) -> None:
     for folder, shown in ((root / "usr/lib" / f"python{python}", f"/usr/lib/python{python}"),
                           (root / "usr/local/lib" / f"python{python}" / "dist-packages",
                            f"/usr/local/lib/python{python}/dist-packages")):
-        _run([sys.executable, "-m", "compileall", "-q", "-j", "0",
+        run_tool([sys.executable, "-m", "compileall", "-q", "-j", "0",
               "--invalidation-mode", "unchecked-hash", "-d", shown, "-x", r"/(test|idlelib)/",
               str(folder)], f"compiling {shown}")
