@@ -11,13 +11,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, ClassVar, Literal
+from typing import ClassVar, Literal, Protocol
 
 from harness.config.fields import doc
-from harness.qemu.options import qemu_options
-
-if TYPE_CHECKING:
-    from harness.qemu.argv import PlacedDevice
+from harness.platform import Platform
+from harness.qemu_options import qemu_options
 
 # QEMU's rule for ids (id_wellformed); anything else, a comma above all, breaks -device options.
 DEVICE_ID = r"^[A-Za-z][A-Za-z0-9._-]*$"
@@ -30,6 +28,20 @@ _ADDR_DOC = "PCI slot on the root bus (default: the lowest free one from 0x03)"
 _NETWORK_DOC = ("this NIC's own user-mode network, an IPv4 /24 (the guest is .15, the gateway "
                 ".2); default: 10.0.2.0/24 for the VM's first NIC, 10.0.3.0/24 for its second, "
                 "and so on (the lowest one no NIC of the VM names)")
+
+
+class Placement(Protocol):
+    """Where a device sits in its VM, as its QEMU arguments need it (harness.qemu.argv's
+    PlacedDevice is one)."""
+
+    @property
+    def addr(self) -> str: ...  # the slot as QEMU's addr= takes it
+    @property
+    def mac(self) -> str: ...
+    @property
+    def network(self) -> str | None: ...
+    @property
+    def platform(self) -> Platform: ...
 
 
 class _Kind:
@@ -55,7 +67,7 @@ class _Kind:
         """Bytes of a scratch file QEMU backs the device with, if it needs one."""
         return None
 
-    def qemu_args(self, placed: PlacedDevice, scratch: Path | None) -> list[str]:
+    def qemu_args(self, placed: Placement, scratch: Path | None) -> list[str]:
         raise NotImplementedError
 
 
@@ -70,7 +82,7 @@ class _UserNic(_Kind):
     def ssh_nic(self) -> bool:
         return self.ssh
 
-    def qemu_args(self, placed: PlacedDevice, scratch: Path | None) -> list[str]:
+    def qemu_args(self, placed: Placement, scratch: Path | None) -> list[str]:
         # hostfwd to port 0: slirp binds an ephemeral port on 127.0.0.1 and reports it
         # through "info usernet", so the port is chosen by the kernel, not raced for.
         fwd = f",hostfwd=tcp:127.0.0.1:0-:{SSH_GUEST_PORT}" if self.ssh else ""
@@ -122,7 +134,7 @@ class VirtioBlk(_Kind):
     def scratch_size(self) -> int | None:
         return self.size_mib << 20
 
-    def qemu_args(self, placed: PlacedDevice, scratch: Path | None) -> list[str]:
+    def qemu_args(self, placed: Placement, scratch: Path | None) -> list[str]:
         if scratch is None:
             raise ValueError(f"virtio-blk {self.id}: no scratch disk given")
         return ["-blockdev", qemu_options("driver=file", {"node-name": f"{self.id}-file",
@@ -151,7 +163,7 @@ class VfioPci(_Kind):
     def assigned_host(self) -> str | None:
         return self.host
 
-    def qemu_args(self, placed: PlacedDevice, scratch: Path | None) -> list[str]:
+    def qemu_args(self, placed: Placement, scratch: Path | None) -> list[str]:
         return ["-device", qemu_options("vfio-pci", {
             "host": self.host, "id": self.id, "addr": placed.addr,
             "x-no-kvm-msix": True if self.no_kvm_msix else None,

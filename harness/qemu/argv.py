@@ -19,7 +19,7 @@ from harness.config.devices import DEFAULT_NETWORK, Device
 from harness.config.model import VM
 from harness.errors import UsageError
 from harness.platform import Platform
-from harness.qemu.options import qemu_options
+from harness.qemu_options import qemu_options
 
 # Prefix for every QEMU the harness starts: the kernel sends it SIGKILL when the thread that
 # started it dies, however the harness dies.
