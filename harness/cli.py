@@ -203,9 +203,14 @@ def handle_irq_diff(req: IrqDiffRequest) -> int:
 
 
 def handle_image_build(req: ImageBuildRequest) -> int:
-    from harness.images.builder import ensure_image
+    from harness.images.builder import ensure_image, guest_images_dir
     from harness.platform import platform_for, recipe_platform
 
+    if req.recipe is not None:
+        known = sorted(p.parent.name for p in guest_images_dir().glob("*/packages.txt"))
+        if req.recipe not in known:
+            raise UsageError(f"no image recipe {req.recipe!r}; the recipes are "
+                             f"{', '.join(known)}")
     if req.recipe is None:
         platform = platform_for(req.arch)
         recipe = platform.recipes[0]
@@ -335,6 +340,15 @@ def handle_lab_shell(req: LabShellRequest) -> int:
 def handle_preflight(req: PreflightRequest) -> int:
     """Exit 0 when every named device can be assigned; 3 when one cannot."""
     from harness.host.preflight import DeviceVerdict, format_preflight, preflight, preflight_json
+    from harness.interrupts import normalize_bdf
+
+    for bdf in req.devices:
+        try:
+            normalize_bdf(bdf)
+        except ValueError as exc:
+            raise UsageError(f"--device {bdf}: {exc}") from exc
+    if not req.root.is_dir():
+        raise UsageError(f"--root {req.root}: not a folder (a recorded host tree is one)")
 
     probe = None
     if req.root == Path("/"):  # boot the cached guest kernel: it prints its banner first

@@ -215,12 +215,26 @@ def test_usage_errors_are_exit_2(capsys: pytest.CaptureFixture[str], argv: list[
     assert message in one_line_error(err)
 
 
-def test_image_build_of_an_unknown_recipe_is_exit_3(
+def test_image_build_of_an_unknown_recipe_is_bad_input(
         capsys: pytest.CaptureFixture[str], tmp_path: Path,
         monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "packages.txt").write_text("kernel linux-image-amd64\n")
     monkeypatch.setenv("HARNESS_GUEST_IMAGES", str(tmp_path))
     monkeypatch.setenv("HARNESS_CACHE", str(tmp_path / "cache"))
     code, out, err = run(capsys, "image", "build", "nope")
-    assert code == 3 and out == ""
-    assert one_line_error(err) == (f"guest image recipe 'nope': {tmp_path}/nope/packages.txt "
-                                   "not found")
+    assert code == 2 and out == ""
+    assert one_line_error(err) == "no image recipe 'nope'; the recipes are mine"
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["image", "build", "nosuch"], "harness: error: no image recipe 'nosuch'; the recipes are "),
+    (["preflight", "--device", "zzzz"], "harness: error: --device zzzz: not a PCI address"),
+    (["preflight", "--root", "/nonexistent"],
+     "harness: error: --root /nonexistent: not a folder"),
+])
+def test_bad_input_to_other_commands_is_exit_2_and_one_line(
+        capsys: pytest.CaptureFixture[str], argv: list[str], message: str) -> None:
+    code, out, err = run(capsys, *argv)
+    assert code == 2 and out == ""
+    assert err.startswith(message) and err.count("\n") == 1
