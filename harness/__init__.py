@@ -7,4 +7,8 @@ import logging
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())
 
+from harness.logs import quiet_libraries  # noqa: E402 - after the logger it configures
+
+quiet_libraries()
+
 __version__ = "0.1.0"

@@ -8,8 +8,10 @@ QEMU failed, 130 interrupted.  Errors are one line on stderr, never a traceback.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
+import os
 import shutil
 import signal
 import sys
@@ -21,7 +23,7 @@ from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING
 
-from harness.errors import HarnessError, UsageError
+from harness.errors import HarnessError, Interrupted, OutputError, UsageError
 from harness.platform import Arch
 
 if TYPE_CHECKING:
@@ -147,19 +149,52 @@ def handle_run(req: RunRequest) -> int:
     for scenario in scenarios:
         if req.only and scenario.name not in req.only:
             continue
-        run_dir = _run_dir(req.out, scenario.name)
+        run_dir = _make_run_dir(req.out, scenario.name)
         _progress(f"scenario {scenario.name}: run folder {run_dir}")
         result = run_scenario(scenario, str(req.scenario), run_dir, _progress,
                               force_bind=req.force_bind)
-        report = write_json(result, run_dir / "report.json")
-        write_junit(result, run_dir / "junit.xml")
         summary = format_summary(result)
-        (run_dir / "summary.txt").write_text(summary + "\n")
+        # Each report is complete or absent: written aside, then renamed into place.
+        report = _write_aside(run_dir / "report.json", functools.partial(write_json, result))
+        _write_aside(run_dir / "junit.xml", functools.partial(write_junit, result))
+        _write_aside(run_dir / "summary.txt", functools.partial(_write_text, summary + "\n"))
         print(summary)
         print(f"report: {report}\n", flush=True)
         codes.append(result.error.exit_code if result.error is not None
                      else 0 if result.passed else 1)
+        if isinstance(result.error, Interrupted):
+            break  # the scenarios after it are not started
     return max(codes)
+
+
+def _write_text(text: str, path: Path) -> None:
+    path.write_text(text)
+
+
+def _make_run_dir(out: Path | None, name: str) -> Path:
+    """A new run folder under ``out``; an --out that cannot hold one is bad input."""
+    path = _run_dir(out, name)
+    try:
+        path.mkdir(parents=True)
+        (path / ".writable").write_bytes(b"")
+        (path / ".writable").unlink()
+    except OSError as exc:
+        raise UsageError(f"--out {out or Path('runs')}: cannot write a run folder there: "
+                         f"{exc.strerror}") from exc
+    return path
+
+
+def _write_aside(path: Path, write: Callable[[Path], object]) -> Path:
+    """``write`` into a temporary name beside ``path``, then rename it into place; a failure
+    (a full disk) leaves no partial file and is one line, exit 4."""
+    aside = path.with_name(f".{path.name}.part")
+    try:
+        write(aside)
+        os.replace(aside, path)
+    except OSError as exc:
+        aside.unlink(missing_ok=True)
+        raise OutputError(f"cannot write {path}: {exc.strerror}") from exc
+    return path
 
 
 def handle_validate(req: ValidateRequest) -> int:
@@ -382,6 +417,11 @@ def handle_restore(req: RestoreRequest) -> int:
     results = restore_all(journal, force=req.force)
     for group in remove_stale_sessions(GROUP):
         print(f"removed the kprobes and trace instance {group} of a harness that is gone")
+    from harness.images.builder import sweep_builds
+    from harness.scratch import sweep
+
+    for path in sweep() + sweep_builds():
+        print(f"removed {path}, left by a harness or an image build that was killed")
     if not results:
         print(f"nothing to restore ({journal} lists no binding)")
     for r in results:
@@ -537,10 +577,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _terminate)
     try:
         request, verbose = parse_args(sys.argv[1:] if argv is None else argv)
+        # stderr: the harness's own warnings (all its records with -v); the libraries' records
+        # go to each run's harness.log only (harness.logs).
         logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING,
                             format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
-        if not verbose:
-            logging.getLogger("paramiko").setLevel(logging.CRITICAL)
         return HANDLERS[type(request)](request)
     except HarnessError as exc:
         print(f"harness: error: {exc}", file=sys.stderr)
@@ -550,6 +590,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     except BrokenPipeError:
         return 0
+    except OSError as exc:  # the host's own I/O failed where nothing more specific caught it
+        where = f": {exc.filename}" if exc.filename else ""
+        print(f"harness: error: {exc.strerror or exc}{where}", file=sys.stderr)
+        return OutputError.exit_code
 
 
 if __name__ == "__main__":

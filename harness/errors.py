@@ -96,3 +96,15 @@ class TextParseError(HarnessError):
         self.line = line
         self.reason = reason
         super().__init__(f"{source or '<text>'}:{line}: {reason}")
+
+
+class Interrupted(HarnessError):
+    """The run was stopped by a signal; what was measured up to then is still reported."""
+
+    exit_code = 130
+
+
+class OutputError(HarnessError):
+    """What the run measured could not be written (a full disk, a folder gone)."""
+
+    exit_code = 4

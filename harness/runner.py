@@ -14,19 +14,25 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import os
+import signal
+import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from types import MappingProxyType
+from types import FrameType, MappingProxyType
 
 from harness.config.model import Scenario, Stage
-from harness.errors import HarnessError
+from harness.errors import GuestError, HarnessError, Interrupted
 from harness.guest.agent import GuestSnapshot
 from harness.host.binding import VfioBinding
 from harness.hostside import HostEvidence, HostMeasurement, HostSnapshot, ReleaseState
+from harness.logs import run_log
 from harness.qemu.argv import PlacedDevice
+from harness.qemu.console import FATAL_PATTERNS
 from harness.result import HostFindings, Phase, RunResult, VMSummary, WorkloadResult
+from harness.scratch import sweep
 from harness.verdict import ExpectationResult, VectorVerdict, check, check_released, classify
 from harness.vm import GuestVM
 
@@ -198,6 +204,7 @@ class _Progress:
 
     def __init__(self, result: RunResult) -> None:
         self.result = result
+        self.current: str | None = None  # the phase running now
 
     def update(self, **changes: object) -> None:
         self.result = dataclasses.replace(self.result, **changes)  # type: ignore[arg-type]
@@ -208,6 +215,7 @@ class _Progress:
     @contextlib.contextmanager
     def phase(self, name: str) -> Iterator[None]:
         started = time.monotonic()
+        self.current = name
         try:
             yield None
         finally:
@@ -217,67 +225,157 @@ class _Progress:
 def run_scenario(scenario: Scenario, scenario_file: str, run_dir: Path,
                  progress: Progress = lambda message: None,
                  force_bind: bool = False) -> RunResult:
-    """Run the scenario; harness errors end up in ``result.error``, never half-torn-down."""
+    """Run the scenario; harness errors end up in ``result.error``, never half-torn-down.
+
+    A SIGINT or SIGTERM (KeyboardInterrupt) ends the phases: teardown then runs with further
+    signals held (recorded, not raised), and the result carries :class:`Interrupted` with what
+    was measured up to then.  A QEMU that died on its own is named as the cause, with how it
+    died and its console tail, instead of whatever failed next because of it.
+    """
     run_dir.mkdir(parents=True, exist_ok=True)
+    sweep()  # scratch files of harnesses that were killed
+    with run_log(run_dir / "harness.log"):
+        return _run(scenario, scenario_file, run_dir, progress, force_bind)
+
+
+def _run(scenario: Scenario, scenario_file: str, run_dir: Path, progress: Progress,
+         force_bind: bool) -> RunResult:
     run = _Progress(RunResult(scenario, scenario_file, run_dir, time.time()))
-    vms: tuple[GuestVM, ...] = ()
+    vms: list[GuestVM] = []
+    interrupted: str | None = None
     try:
         with contextlib.ExitStack() as stack:
             try:
-                # The VMs' own stack is entered after the bindings and probes, so on the way
-                # out every QEMU is gone before any device goes back to its host driver.
-                vm_stack = contextlib.ExitStack()
-                try:
-                    with run.phase("prepare (image, accel)"):
-                        vms = prepare_vms(scenario, run_dir, progress, vm_stack)
-                    host = _host_evidence(scenario, vms, run, stack, progress, force_bind)
-                except BaseException:
-                    vm_stack.close()
+                _phases(scenario, run, vms, stack, progress, force_bind)
+            except KeyboardInterrupt:
+                interrupted = f"interrupted during {run.current or 'the run'}"
+            except Exception as exc:  # whatever broke because a QEMU died, that is the cause
+                died = _qemu_death(vms, run.current, exc)
+                if died is None:
                     raise
-                stack.enter_context(vm_stack)
-                booted = boot(vms)
-                run.update(vms=booted.vms)
-                run.add_phases(*booted.phases)
-                with run.phase("snapshot before"):
-                    before = snapshot(vms, host, "before", run_dir)
-                with run.phase("workload"):
-                    run.update(workloads=run_workloads(scenario, vms, run_dir, progress))
-                with run.phase("verdict"):
-                    after = snapshot(vms, host, "after", run_dir)
-                    measured = None
-                    if host is not None:
-                        assert before.host is not None and after.host is not None
-                        measured = host.measure(before.host, after.host)
-                        run.update(host=HostFindings(
-                            tuple(w.to_dict() for w in measured.wiring),
-                            run.result.host.notes + measured.notes()))
-                    verdicts, expectations = judge(scenario, vms, before, after, measured)
-                    run.update(verdicts=verdicts, expectations=expectations)
-                if any(w.stage is Stage.RELEASE for w in scenario.workloads):
-                    with run.phase("release"):
-                        released = run_workloads(scenario, vms, run_dir, progress,
-                                                 Stage.RELEASE)
-                        run.update(workloads=run.result.workloads + released)
-                        state = None
-                        if host is not None:
-                            assert after.host is not None
-                            state = host.release_state(
-                                after.host, [pid for vm in vms if vm.machine
-                                             and (pid := vm.machine.pid) is not None])
-                            run.update(host=dataclasses.replace(
-                                run.result.host, notes=run.result.host.notes + state.notes))
-                        run.update(expectations=check_release(
-                            scenario, vms, run.result.expectations, state))
+                raise died from exc
             finally:
                 run.update(console_tails=MappingProxyType(
                     {vm.name: vm.console_tail() for vm in vms}))
                 teardown_started = time.monotonic()
-                stack.close()
+                with _signals_held() as held:
+                    stack.close()
+                if held and interrupted is None:
+                    interrupted = f"interrupted ({held[0].name}) during teardown"
                 run.add_phases(Phase("teardown", time.monotonic() - teardown_started))
     except HarnessError as exc:
         run.update(error=exc)
         progress(f"error: {exc}")
+    if interrupted is not None:
+        run.update(error=Interrupted(f"{interrupted}; what was measured is reported"))
+        progress(f"error: {interrupted}; everything started was torn down")
     return run.result
+
+
+def _phases(scenario: Scenario, run: _Progress, vms: list[GuestVM],
+            stack: contextlib.ExitStack, progress: Progress, force_bind: bool) -> None:
+    """The phases in order, each result added to ``run``; ``vms`` is filled as they are made
+    (the caller reads their console tails and tears them down through ``stack``)."""
+    run_dir = run.result.run_dir
+    # The VMs' own stack is entered after the bindings and probes, so on the way out every
+    # QEMU is gone before any device goes back to its host driver.
+    vm_stack = contextlib.ExitStack()
+    try:
+        with run.phase("prepare (image, accel)"):
+            vms += prepare_vms(scenario, run_dir, progress, vm_stack)
+        host = _host_evidence(scenario, tuple(vms), run, stack, progress, force_bind)
+    except BaseException:
+        vm_stack.close()
+        raise
+    stack.enter_context(vm_stack)
+    ready = tuple(vms)
+    with run.phase("boot"):
+        booted = boot(ready)
+    run.update(vms=booted.vms, phases=run.result.phases[:-1] + booted.phases)
+    with run.phase("snapshot before"):
+        before = snapshot(ready, host, "before", run_dir)
+    with run.phase("workload"):
+        run.update(workloads=run_workloads(scenario, ready, run_dir, progress))
+    with run.phase("verdict"):
+        after = snapshot(ready, host, "after", run_dir)
+        measured = None
+        if host is not None:
+            assert before.host is not None and after.host is not None
+            measured = host.measure(before.host, after.host)
+            run.update(host=HostFindings(tuple(w.to_dict() for w in measured.wiring),
+                                         run.result.host.notes + measured.notes()))
+        verdicts, expectations = judge(scenario, ready, before, after, measured)
+        run.update(verdicts=verdicts, expectations=expectations)
+    if any(w.stage is Stage.RELEASE for w in scenario.workloads):
+        with run.phase("release"):
+            released = run_workloads(scenario, ready, run_dir, progress, Stage.RELEASE)
+            run.update(workloads=run.result.workloads + released)
+            state = None
+            if host is not None:
+                assert after.host is not None
+                state = host.release_state(after.host, [
+                    pid for vm in ready if vm.machine and (pid := vm.machine.pid) is not None])
+                run.update(host=dataclasses.replace(
+                    run.result.host, notes=run.result.host.notes + state.notes))
+            run.update(expectations=check_release(scenario, ready, run.result.expectations,
+                                                  state))
+
+
+def _qemu_death(vms: list[GuestVM], phase: str | None, cause: Exception,
+                settle_s: float = 3.0) -> GuestError | None:
+    """The first VM whose QEMU died on its own or whose guest kernel died (a fatal console
+    line: a panic), as the error to report; None if every guest is well.  A panicking guest
+    takes a moment to print and exit, so this looks for ``settle_s`` before saying None."""
+    then = str(cause) or type(cause).__name__
+    deadline = time.monotonic() + settle_s
+    while True:
+        for vm in vms:
+            how = vm.machine.death() if vm.machine else None
+            fatal = _fatal_console_line(vm)
+            if how is None and fatal is None:
+                continue
+            what = "; ".join(filter(None, [f"QEMU {how}" if how else None,
+                                           f"the guest printed {fatal!r}" if fatal else None]))
+            return GuestError(vm.name, f"{what} during {phase or 'the run'} (then: {then})",
+                              vm.console_tail())
+        if time.monotonic() >= deadline:
+            return None
+        time.sleep(0.2)
+
+
+def _fatal_console_line(vm: GuestVM, window: int = 256 << 10) -> str | None:
+    """The first fatal line (a panic) of the last ``window`` bytes of the VM's console log:
+    the tail alone may already have scrolled past it, under the stack trace."""
+    if vm.machine is None:
+        return None
+    try:
+        with open(vm.machine.console_path, "rb") as fh:
+            fh.seek(max(fh.seek(0, os.SEEK_END) - window, 0))
+            text = fh.read().decode(errors="replace")
+    except OSError:
+        return None
+    return next((ln.strip() for ln in text.splitlines()
+                 if any(p.search(ln.split("] ", 1)[-1]) for p in FATAL_PATTERNS)), None)
+
+
+@contextlib.contextmanager
+def _signals_held() -> Iterator[list[signal.Signals]]:
+    """SIGINT and SIGTERM recorded, not raised, inside: teardown must finish whatever comes.
+    Only the main thread can set handlers; elsewhere nothing changes."""
+    held: list[signal.Signals] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield held
+        return
+
+    def record(signum: int, frame: FrameType | None) -> None:
+        held.append(signal.Signals(signum))
+
+    previous = {sig: signal.signal(sig, record) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield held
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def _host_evidence(scenario: Scenario, vms: tuple[GuestVM, ...], run: _Progress,

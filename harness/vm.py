@@ -33,6 +33,7 @@ from harness.images.cloud import make_overlay, make_seed
 from harness.platform import Platform, platform_for
 from harness.qemu import argv as qargv
 from harness.qemu.machine import Machine
+from harness.scratch import scratch_dir
 
 log = logging.getLogger(__name__)
 
@@ -161,12 +162,13 @@ class GuestVM:
         return nics[0]
 
     def _scratch_files(self) -> dict[str, Path]:
-        """A sparse scratch file (it costs no disk) for each device that needs one."""
+        """A sparse scratch file (it costs no disk) for each device that needs one, in this
+        process's scratch folder (swept by the next run should this one be killed)."""
         files = {}
         for placed in self.placed:
             size = placed.device.scratch_size()
             if size is not None:
-                path = self.run_dir / f"{self.name}.{placed.device.id}.img"
+                path = scratch_dir() / f"{self.run_dir.name}.{self.name}.{placed.device.id}.img"
                 with open(path, "wb") as fh:
                     fh.truncate(size)
                 self._scratch.append(path)

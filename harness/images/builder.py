@@ -259,6 +259,7 @@ def ensure_image(recipe_name: str, platform: Platform, progress: Progress = _no_
     folder.parent.mkdir(parents=True, exist_ok=True)
     with open(folder.parent / ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # one builder at a time; the next one finds the cache
+        remove_stale_builds(folder.parent)
         manifest = folder / "manifest.json"
         if manifest.is_file():
             progress(f"image {recipe_name}: cached ({folder})")
@@ -272,6 +273,30 @@ def ensure_image(recipe_name: str, platform: Platform, progress: Progress = _no_
             os.rename(staging, folder)  # atomic: a cache entry is complete or absent
         progress(f"image {recipe_name}: built in {time.monotonic() - started:.1f} s ({folder})")
         return _from_manifest(manifest)
+
+
+def remove_stale_builds(folder: Path) -> list[Path]:
+    """``.build-*`` folders a killed build left; call holding the folder's lock (no build of
+    this cache is running then)."""
+    stale = sorted(folder.glob(".build-*"))
+    for path in stale:
+        shutil.rmtree(path, ignore_errors=True)
+    return stale
+
+
+def sweep_builds(cache: Path | None = None) -> list[Path]:
+    """Stale ``.build-*`` folders of every cache folder no build holds the lock of now."""
+    removed = []
+    for folder in ((cache or cache_root()) / "images", (cache or cache_root()) / "userland"):
+        if not folder.is_dir():
+            continue
+        with open(folder / ".lock", "w") as lock:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                continue  # a build is running: its folder is not stale
+            removed += remove_stale_builds(folder)
+    return removed
 
 
 def _pinned(recipe_name: str) -> Path | None:

@@ -36,7 +36,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from harness.errors import ImageError
-from harness.images.builder import PackageRef, cache_root, guest_images_dir, run_tool
+from harness.images.builder import (
+    PackageRef,
+    cache_root,
+    guest_images_dir,
+    remove_stale_builds,
+    run_tool,
+)
 from harness.platform import Platform
 
 Progress = Callable[[str], None]
@@ -154,6 +160,7 @@ def ensure_userland(recipe_name: str, platform: Platform, progress: Progress,
     folder.parent.mkdir(parents=True, exist_ok=True)
     with open(folder.parent / ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
+        remove_stale_builds(folder.parent)
         if (folder / "manifest.json").is_file():
             progress(f"user space {recipe_name}: cached ({folder})")
             return Userland(key, recipe_name, folder / "root", packages, python)

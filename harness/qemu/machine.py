@@ -153,6 +153,23 @@ class Machine:
     def is_alive(self) -> bool:
         return self._proc is not None and self._proc.poll() is None
 
+    def death(self) -> str | None:
+        """How a QEMU that was running died on its own ("killed by signal 9 (SIGKILL)",
+        "exited with code 1"); None while it runs, before launch, or once torn down by us."""
+        if self._proc is None or self.state is not MachineState.RUNNING:
+            return None
+        code = self._proc.poll()
+        if code is None:
+            return None
+        self.exit_code = code
+        if code < 0:
+            try:
+                name = signal.Signals(-code).name
+            except ValueError:
+                name = "?"
+            return f"killed by signal {-code} ({name})"
+        return f"exited with code {code}"
+
     def wait_exit(self, timeout: float) -> int:
         """Wait for QEMU to exit by itself (a guest that powers off)."""
         self._require(MachineState.RUNNING, MachineState.LAUNCHING)

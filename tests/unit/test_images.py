@@ -195,3 +195,14 @@ def test_exactly_one_kernel_line(images: Path, packages: str) -> None:
         Recipe.load("bad")
     assert str(info.value) == f"{folder}/packages.txt: needs exactly one 'kernel' line"
     assert info.value.exit_code == 3
+
+
+def test_a_killed_builds_folder_is_removed_by_the_next_sweep(tmp_path: Path) -> None:
+    from harness.images.builder import sweep_builds
+
+    stale = tmp_path / "images" / ".build-abc123" / "image"
+    stale.mkdir(parents=True)
+    (stale / "initrd.cpio").write_bytes(b"x" * 1024)
+    assert sweep_builds(tmp_path) == [stale.parent]
+    assert not stale.parent.exists()
+    assert sweep_builds(tmp_path) == []
