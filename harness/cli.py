@@ -62,6 +62,7 @@ class IrqDiffRequest:
 class ImageBuildRequest:
     recipe: str | None
     arch: str | None
+    refresh: bool = False
 
 
 @dataclass(frozen=True)
@@ -254,12 +255,13 @@ def handle_image_build(req: ImageBuildRequest) -> int:
         if req.arch is not None and platform is not platform_for(req.arch):
             raise UsageError(f"recipe {recipe} is made of {platform.arch} packages, "
                              f"not {req.arch}")
-    image = ensure_image(recipe, platform, progress=_progress)
+    image = ensure_image(recipe, platform, progress=_progress, refresh=req.refresh)
     print(f"kernel {image.kernel}\ninitrd {image.initrd}\nrelease {image.kernel_release}")
     if platform.lab.recipe == recipe and platform.lab.userland is not None:
         from harness.images.userland import ensure_userland
 
-        userland = ensure_userland(platform.lab.userland, platform, _progress)
+        userland = ensure_userland(platform.lab.userland, platform, _progress,
+                                   refresh=req.refresh)
         print(f"root {userland.root}")
     return 0
 
@@ -490,6 +492,8 @@ def parse_args(argv: Sequence[str]) -> tuple[Request, bool]:
                    help="a folder under guest-images/ (default: the architecture's first)")
     p.add_argument("--arch", choices=[a.value for a in Arch], default=None,
                    help="guest architecture (default: this host's)")
+    p.add_argument("--refresh", action="store_true",
+                   help="resolve the packages again even if apt's index has not changed")
 
     p = sub.add_parser("bench", help="time each phase of a scenario against a bare kernel boot")
     p.add_argument("scenario", type=Path)
@@ -549,7 +553,7 @@ def parse_args(argv: Sequence[str]) -> tuple[Request, bool]:
     elif ns.command == "irq":
         request = IrqDiffRequest(ns.before, ns.after, ns.as_json, ns.all_rows)
     elif ns.command == "image":
-        request = ImageBuildRequest(ns.recipe, ns.arch)
+        request = ImageBuildRequest(ns.recipe, ns.arch, ns.refresh)
     elif ns.command == "report":
         request = MergeRequest(tuple(ns.paths), ns.json_out, ns.junit_out)
     elif ns.command == "preflight":

@@ -188,6 +188,49 @@ def resolve(recipe: Recipe, platform: Platform,
     return tuple(refs)
 
 
+# apt's package index and what shapes a resolution against it: while none of these changes,
+# resolving the same request gives the same pins, so they are remembered (apt-cache costs
+# seconds per image; stat'ing these costs milliseconds).
+_INDEX_STATE = (Path("/var/lib/apt/lists"), Path("/etc/apt"), Path("/var/lib/dpkg/arch"))
+
+
+def package_index_state() -> str:
+    """A fingerprint of apt's package index and configuration (names, sizes, mtimes)."""
+    digest = hashlib.sha256()
+    for top in _INDEX_STATE:
+        paths = sorted(top.rglob("*")) if top.is_dir() else [top]
+        for path in paths:
+            try:
+                info = path.stat()
+            except OSError:
+                continue
+            if stat.S_ISREG(info.st_mode):
+                digest.update(f"{path}:{info.st_size}:{info.st_mtime_ns}\n".encode())
+    return digest.hexdigest()[:20]
+
+
+def remembered_resolution(what: str, inputs: list[Path], resolve_now: Callable[[],
+                          tuple[PackageRef, ...]], refresh: bool = False,
+                          cache: Path | None = None) -> tuple[PackageRef, ...]:
+    """The pins of ``what``, resolved again only when its input files or apt's package
+    index changed since the last time (or when ``refresh`` asks for it)."""
+    digest = hashlib.sha256(f"resolution {what}\n{package_index_state()}\n".encode())
+    for path in inputs:
+        digest.update(hashlib.sha256(path.read_bytes()).digest())
+    memo = (cache or cache_root()) / "resolved" / f"{digest.hexdigest()[:24]}.json"
+    if not refresh:
+        try:
+            return tuple(PackageRef(**p) for p in json.loads(memo.read_text()))
+        except (OSError, ValueError, TypeError):
+            pass
+    refs = resolve_now()
+    memo.parent.mkdir(parents=True, exist_ok=True)
+    aside = memo.with_suffix(f".{os.getpid()}.part")
+    aside.write_text(json.dumps([dataclasses.asdict(p) for p in refs]))
+    os.replace(aside, memo)
+    return refs
+
+
 @dataclass(frozen=True)
 class UserKernel:
     """A user's own kernel (in its platform's boot format) and, optionally, its
@@ -235,7 +278,8 @@ def choose_recipe(platform: Platform, modules: tuple[str, ...]) -> Recipe:
 
 
 def ensure_image(recipe_name: str, platform: Platform, progress: Progress = _no_progress,
-                 cache: Path | None = None, user_kernel: UserKernel | None = None) -> GuestImage:
+                 cache: Path | None = None, user_kernel: UserKernel | None = None,
+                 refresh: bool = False) -> GuestImage:
     """Return the cached image for the recipe's current inputs, building it if needed.
 
     With ``user_kernel``, the recipe's kernel package is replaced by the user's kernel and
@@ -252,7 +296,10 @@ def ensure_image(recipe_name: str, platform: Platform, progress: Progress = _no_
             raise ImageError(f"modules tree {user_kernel.modules} is for release "
                              f"{user_kernel.modules.name}, but the kernel "
                              f"{user_kernel.kernel} is {release}")
-    packages = resolve(recipe, platform, with_kernel=user_kernel is None)
+    packages = remembered_resolution(
+        f"{recipe_name} {platform.arch} kernel={user_kernel is None}",
+        [recipe.folder / "packages.txt"],
+        lambda: resolve(recipe, platform, with_kernel=user_kernel is None), refresh, cache)
     key = image_key(recipe, packages, user_kernel)
     prefix = recipe_name if user_kernel is None else f"{recipe_name}-userkernel"
     folder = (cache or cache_root()) / "images" / f"{prefix}-{key}"

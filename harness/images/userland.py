@@ -40,6 +40,7 @@ from harness.images.builder import (
     PackageRef,
     cache_root,
     guest_images_dir,
+    remembered_resolution,
     remove_stale_builds,
     run_tool,
 )
@@ -149,10 +150,12 @@ def userland_key(recipe: UserlandRecipe, packages: tuple[PackageRef, ...],
 
 
 def ensure_userland(recipe_name: str, platform: Platform, progress: Progress,
-                    cache: Path | None = None) -> Userland:
+                    cache: Path | None = None, refresh: bool = False) -> Userland:
     """The cached user space for the recipe's current inputs, built if needed."""
     recipe = UserlandRecipe.load(recipe_name)
-    packages = resolve(recipe, platform)
+    packages = remembered_resolution(f"userland {recipe_name} {platform.arch}",
+                                     [recipe.folder / "userland.txt"],
+                                     lambda: resolve(recipe, platform), refresh, cache)
     python = _python_version(packages)
     key = userland_key(recipe, packages, platform)
     base = (cache or cache_root())

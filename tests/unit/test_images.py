@@ -206,3 +206,32 @@ def test_a_killed_builds_folder_is_removed_by_the_next_sweep(tmp_path: Path) -> 
     assert sweep_builds(tmp_path) == [stale.parent]
     assert not stale.parent.exists()
     assert sweep_builds(tmp_path) == []
+
+
+def test_a_resolution_is_remembered_until_its_inputs_or_aptes_index_change(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from harness.images import builder
+    from harness.images.builder import PackageRef, remembered_resolution
+
+    recipe = tmp_path / "packages.txt"
+    recipe.write_text("kernel linux-image-amd64\n")
+    index = tmp_path / "lists"
+    index.mkdir()
+    (index / "deb.debian.org_Packages").write_text("Package: a\n")
+    monkeypatch.setattr(builder, "_INDEX_STATE", (index,))
+    calls: list[int] = []
+
+    def resolve_now() -> tuple[PackageRef, ...]:
+        calls.append(1)
+        return (PackageRef("kernel", "linux-image-6.1.0-57-amd64", f"6.1.{len(calls)}", "ab"),)
+
+    def pins(refresh: bool = False) -> str:
+        (ref,) = remembered_resolution("r", [recipe], resolve_now, refresh, tmp_path / "c")
+        return ref.version
+
+    assert [pins(), pins()] == ["6.1.1", "6.1.1"] and len(calls) == 1  # remembered
+    recipe.write_text("kernel linux-image-cloud-amd64\n")
+    assert pins() == "6.1.2"  # the recipe changed
+    (index / "deb.debian.org_Packages").write_text("Package: a\nPackage: b\n")
+    assert pins() == "6.1.3"  # apt-get update brought a new index
+    assert pins() == "6.1.3" and pins(refresh=True) == "6.1.4"
