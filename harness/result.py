@@ -38,6 +38,7 @@ class VMSummary:
     name: str
     arch: str
     qemu: str
+    qemu_version: str  # what the running QEMU said it is (QMP query-version)
     accel: str
     accel_reason: str
     kernel_release: str

@@ -128,8 +128,9 @@ def boot(vms: tuple[GuestVM, ...]) -> Booted:
 def _summary(vm: GuestVM) -> VMSummary:
     assert vm.accel is not None and vm.ssh is not None
     return VMSummary(vm.name, vm.platform.arch.value, vm.spec.qemu or vm.platform.qemu,
-                     vm.accel.accel, vm.accel.reason, vm.kernel_release, vm.image_key,
-                     vm.ssh.port, tuple((p.device.id, p.device.kind, p.bdf) for p in vm.placed))
+                     vm.machine.version if vm.machine else "", vm.accel.accel, vm.accel.reason,
+                     vm.kernel_release, vm.image_key, vm.ssh.port,
+                     tuple((p.device.id, p.device.kind, p.bdf) for p in vm.placed))
 
 
 def snapshot(vms: tuple[GuestVM, ...], host: HostEvidence | None, label: str,

@@ -32,7 +32,7 @@ from harness.images.builder import (
 from harness.images.cloud import make_overlay, make_seed
 from harness.platform import Platform, platform_for
 from harness.qemu import argv as qargv
-from harness.qemu.machine import Machine
+from harness.qemu.machine import Machine, check_qemu_binary
 from harness.scratch import scratch_dir
 
 log = logging.getLogger(__name__)
@@ -105,6 +105,8 @@ class GuestVM:
     def prepare(self) -> None:
         """Image, accelerator and device placement; raises before anything is started."""
         image, platform = self.spec.image, self.platform
+        if self.spec.qemu is not None:
+            check_qemu_binary(self.spec.qemu, platform)
         if isinstance(image, CloudImage):
             # The accelerator probe boots a known kernel: the builtin one.
             probe_kernel = ensure_image(platform.recipes[0], platform,

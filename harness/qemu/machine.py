@@ -16,6 +16,7 @@ import logging
 import os
 import re
 import shlex
+import shutil
 import signal
 import socket
 import subprocess
@@ -24,7 +25,8 @@ from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
 
-from harness.errors import HarnessError, LaunchError, StateError
+from harness.errors import HarnessError, LaunchError, StateError, UsageError
+from harness.platform import Platform
 from harness.qemu.argv import die_with_harness
 from harness.qemu.console import Console
 from harness.qemu.qmp import QmpChannel, QmpError
@@ -32,6 +34,28 @@ from harness.qemu.qmp import QmpChannel, QmpError
 log = logging.getLogger(__name__)
 
 ArgvFactory = Callable[[int, int], list[str]]  # (qmp_fd, console_fd) -> argv
+
+def check_qemu_binary(qemu: str, platform: Platform) -> Path:
+    """A scenario's own ``qemu:`` must be a QEMU system emulator before anything runs it: an
+    executable ELF file named ``qemu-system-*`` (a script of that name is refused, and the
+    binary is never run to ask it).  The platform's own name is the usual one."""
+    found = shutil.which(qemu)
+    if found is None:
+        raise UsageError(f"qemu: {qemu}: not found or not executable")
+    path = Path(found).resolve()
+    if not path.name.startswith("qemu-system-"):
+        raise UsageError(f"qemu: {qemu}: not a QEMU system emulator (its file is {path.name}, "
+                         f"expected qemu-system-*, e.g. {platform.qemu})")
+    try:
+        with open(path, "rb") as fh:
+            magic = fh.read(4)
+    except OSError as exc:
+        raise UsageError(f"qemu: {qemu}: cannot read it: {exc.strerror}") from exc
+    if magic != b"\x7fELF":
+        raise UsageError(f"qemu: {qemu}: not a QEMU system emulator ({path} is not an "
+                         "executable ELF file)")
+    return path
+
 
 class MachineState(enum.Enum):
     CREATED = "created"
@@ -59,6 +83,7 @@ class Machine:
         self.launched_at: float | None = None
         self.qmp_ready_at: float | None = None
         self.exit_code: int | None = None
+        self.version = ""  # what QEMU says it is (QMP query-version), once launched
 
     def __repr__(self) -> str:
         pid = self._proc.pid if self._proc else None
@@ -112,6 +137,11 @@ class Machine:
             except QmpError as exc:
                 raise self._launch_failure("QEMU did not answer on QMP") from exc
             self.qmp_ready_at = time.monotonic()
+            # The version for the report comes from QEMU itself, not from running the binary
+            # a second time (which may be a user's file: it runs once, as the VM).
+            version = self.qmp.execute("query-version")
+            self.version = (f"QEMU {version['qemu']['major']}.{version['qemu']['minor']}."
+                            f"{version['qemu']['micro']} {version.get('package', '')}".strip())
             self.state = MachineState.RUNNING
         except BaseException:
             qmp_theirs.close()

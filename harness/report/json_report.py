@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import platform
-import subprocess
 from dataclasses import asdict
 from datetime import UTC, datetime
 from pathlib import Path
@@ -22,15 +21,6 @@ from harness.verdict import VectorVerdict
 FORMAT = "harness-run/1"
 
 
-def _qemu_version(binary: str) -> str:
-    try:
-        out = subprocess.run([binary, "--version"], capture_output=True, text=True,  # noqa: S603
-                             timeout=10, check=False).stdout
-    except (OSError, subprocess.TimeoutExpired):
-        return "unknown"
-    return out.splitlines()[0] if out else "unknown"
-
-
 def verdict_dict(v: VectorVerdict) -> dict[str, Any]:
     return {"vm": v.vm, "device": v.device, "bdf": v.bdf, "entry": v.entry, "name": v.name,
             "irq": v.irq, "path": v.path.value if v.path else None, "reason": v.reason,
@@ -40,7 +30,7 @@ def verdict_dict(v: VectorVerdict) -> dict[str, Any]:
 
 
 def to_dict(result: RunResult) -> dict[str, Any]:
-    qemus = sorted({vm.qemu for vm in result.vms})
+    qemus = {vm.qemu: vm.qemu_version for vm in sorted(result.vms, key=lambda v: v.qemu)}
     return {
         "format": FORMAT,
         "harness": __version__,
@@ -48,7 +38,7 @@ def to_dict(result: RunResult) -> dict[str, Any]:
         "started": datetime.fromtimestamp(result.started, UTC).isoformat(),
         "host": {"hostname": platform.node(), "kernel": platform.release(),
                  "machine": platform.machine(), "cpus": os.cpu_count(),
-                 "qemu": {q: _qemu_version(q) for q in qemus}},
+                 "qemu": qemus},
         "passed": result.passed,
         "error": ({"type": type(result.error).__name__, "message": str(result.error)}
                   if result.error else None),

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import re
+import shutil
 import typing
 from pathlib import Path
 
@@ -321,3 +322,24 @@ def test_arm64_lab_host_is_virt_at_el2_with_gicv4_and_smmuv3() -> None:
     assert machine == "virt,gic-version=4,its=on,virtualization=on,iommu=smmuv3,accel=tcg"
     assert "kvm-arm.vgic_v4_enable=1" in argv[argv.index("-append") + 1]
     assert "console=ttyAMA0" in argv[argv.index("-append") + 1]
+
+
+def test_a_scenarios_qemu_must_be_a_qemu_before_anything_runs_it(tmp_path: Path) -> None:
+    from harness.errors import UsageError
+    from harness.qemu.machine import check_qemu_binary
+
+    script = tmp_path / "qemu-system-x86_64"
+    script.write_text("#!/bin/sh\ntouch /tmp/pwned\n")
+    script.chmod(0o755)
+    with pytest.raises(UsageError, match="is not an executable ELF file"):
+        check_qemu_binary(str(script), X86_64)
+    other = tmp_path / "mytool"
+    other.write_bytes(b"\x7fELF" + b"\0" * 60)
+    other.chmod(0o755)
+    with pytest.raises(UsageError, match="expected qemu-system-\\*, e.g. qemu-system-x86_64"):
+        check_qemu_binary(str(other), X86_64)
+    with pytest.raises(UsageError, match="not found or not executable"):
+        check_qemu_binary(str(tmp_path / "absent"), X86_64)
+    real = shutil.which(X86_64.qemu)
+    if real is not None:  # this host's own QEMU passes, and is not run to tell
+        assert check_qemu_binary(X86_64.qemu, X86_64).name.startswith("qemu-system-")
