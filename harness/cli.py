@@ -461,6 +461,9 @@ class _Parser(argparse.ArgumentParser):
 def parse_args(argv: Sequence[str]) -> tuple[Request, bool]:
     parser = _Parser(prog="harness", description=__doc__.splitlines()[0] if __doc__ else "")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging to stderr")
+    parser.add_argument("--shared-host", action="store_true",
+                        help="refuse scenarios that name their own qemu: or extra_args: (for "
+                             "CI on hosts shared between users; also HARNESS_SHARED_HOST=1)")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     p = sub.add_parser("run", help="run a scenario and report per-vector verdicts")
@@ -577,10 +580,18 @@ def _terminate(signum: int, frame: FrameType | None) -> None:
     raise KeyboardInterrupt
 
 
+def _shared_host_flag(argv: Sequence[str]) -> bool:
+    return "--shared-host" in argv[:next((i for i, a in enumerate(argv)
+                                          if not a.startswith("-")), len(argv))]
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _terminate)
     try:
         request, verbose = parse_args(sys.argv[1:] if argv is None else argv)
+        if _shared_host_flag(sys.argv[1:] if argv is None else argv):
+            # The loader reads it from the environment, and so does the harness inside the lab.
+            os.environ["HARNESS_SHARED_HOST"] = "1"
         # stderr: the harness's own warnings (all its records with -v); the libraries' records
         # go to each run's harness.log only (harness.logs).
         logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING,

@@ -159,6 +159,10 @@ class Platform:
         return self.kernel_format.release(path)
 
 
+#: Every QEMU system emulator's file name starts so ("qemu-system-x86_64", ...).
+QEMU_SYSTEM_PREFIX = "qemu-system-"
+
+
 def _frozen(**values: str) -> Mapping[str, str]:
     return MappingProxyType(dict(values))
 

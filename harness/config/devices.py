@@ -19,6 +19,10 @@ from harness.qemu_options import qemu_options
 
 # QEMU's rule for ids (id_wellformed); anything else, a comma above all, breaks -device options.
 DEVICE_ID = r"^[A-Za-z][A-Za-z0-9._-]*$"
+# A virtio-blk disk's block nodes are "<id>-file" and "<id>-fmt"; QEMU's node names hold 31.
+DEVICE_ID_MAX = 24
+# A slot on the root bus: 5 bits of the PCI address (each platform allows a range of them).
+SLOT_MAX = 0x1F
 # A /24 is all slirp's guest (.15) and gateway (.2) addresses need.
 NETWORK = r"^(25[0-5]|2[0-4][0-9]|1?[0-9]?[0-9])(\.(25[0-5]|2[0-4][0-9]|1?[0-9]?[0-9])){2}\.0/24$"
 DEFAULT_NETWORK = "10.0.2.0/24"
@@ -98,8 +102,8 @@ class _UserNic(_Kind):
 class VirtioNet(_UserNic):
     kind: Literal["virtio-net"]
     id: str = field(metadata=doc("device id, unique in the VM; used by expectations",
-                                  pattern=DEVICE_ID))
-    addr: int | None = field(default=None, metadata=doc(_ADDR_DOC))
+                                  pattern=DEVICE_ID, maxLength=DEVICE_ID_MAX))
+    addr: int | None = field(default=None, metadata=doc(_ADDR_DOC, minimum=0, maximum=SLOT_MAX))
     ssh: bool = field(default=True, metadata=doc(
         "forward the guest's SSH port over this NIC (user-mode network, 127.0.0.1 only)"))
     network: str | None = field(default=None, metadata=doc(_NETWORK_DOC, pattern=NETWORK))
@@ -111,8 +115,9 @@ class VirtioNet(_UserNic):
 @dataclass(frozen=True)
 class E1000e(_UserNic):
     kind: Literal["e1000e"]
-    id: str = field(metadata=doc("device id, unique in the VM", pattern=DEVICE_ID))
-    addr: int | None = field(default=None, metadata=doc(_ADDR_DOC))
+    id: str = field(metadata=doc("device id, unique in the VM", pattern=DEVICE_ID,
+                                  maxLength=DEVICE_ID_MAX))
+    addr: int | None = field(default=None, metadata=doc(_ADDR_DOC, minimum=0, maximum=SLOT_MAX))
     ssh: bool = field(default=False, metadata=doc(
         "forward the guest's SSH port over this NIC"))
     network: str | None = field(default=None, metadata=doc(_NETWORK_DOC, pattern=NETWORK))
@@ -124,8 +129,9 @@ class E1000e(_UserNic):
 @dataclass(frozen=True)
 class VirtioBlk(_Kind):
     kind: Literal["virtio-blk"]
-    id: str = field(metadata=doc("device id, unique in the VM", pattern=DEVICE_ID))
-    addr: int | None = field(default=None, metadata=doc(_ADDR_DOC))
+    id: str = field(metadata=doc("device id, unique in the VM", pattern=DEVICE_ID,
+                                  maxLength=DEVICE_ID_MAX))
+    addr: int | None = field(default=None, metadata=doc(_ADDR_DOC, minimum=0, maximum=SLOT_MAX))
     size_mib: int = field(default=8, metadata=doc("size of the scratch disk (a sparse raw file)",
                                                   minimum=1, maximum=65536))
 
@@ -149,10 +155,12 @@ class VirtioBlk(_Kind):
 @dataclass(frozen=True)
 class VfioPci(_Kind):
     kind: Literal["vfio-pci"]
-    id: str = field(metadata=doc("device id, unique in the VM", pattern=DEVICE_ID))
+    id: str = field(metadata=doc("device id, unique in the VM", pattern=DEVICE_ID,
+                                  maxLength=DEVICE_ID_MAX))
     host: str = field(metadata=doc("host PCI address, e.g. 0000:00:05.0",
                                    pattern=r"^[0-9a-fA-F]{4}:[0-9a-fA-F]{2}:[0-9a-fA-F]{2}\.[0-7]$"))
-    addr: int | None = field(default=None, metadata=doc("PCI slot on the guest's root bus"))
+    addr: int | None = field(default=None, metadata=doc("PCI slot on the guest's root bus",
+                                                         minimum=0, maximum=SLOT_MAX))
     no_kvm_msix: bool = field(default=False, metadata=doc(
         "x-no-kvm-msix=on: QEMU handles MSI-X in user space (no KVM irqfd)"))
     no_kvm_msi: bool = field(default=False, metadata=doc("x-no-kvm-msi=on"))

@@ -18,9 +18,21 @@ from harness.config.devices import E1000e, VfioPci, VirtioBlk, VirtioNet
 from harness.config.fields import doc
 from harness.platform import Accel, Arch
 
-__all__ = ["VM", "Accel", "Arch", "BuiltinImage", "CloudImage", "DeliveryPath", "Device",
-           "E1000e", "Expectation", "Image", "KernelImage", "LabSettings", "Scenario", "Stage",
-           "Timeouts", "VfioPci", "VirtioBlk", "VirtioNet", "Workload", "doc", "entry_number"]
+__all__ = ["RECIPE_NAME", "VM", "Accel", "Arch", "BuiltinImage", "CloudImage", "DeliveryPath",
+           "Device", "E1000e", "Expectation", "Image", "KernelImage", "LabSettings", "Scenario",
+           "Stage", "Timeouts", "VfioPci", "VirtioBlk", "VirtioNet", "Workload", "doc",
+           "entry_number"]
+
+# A folder of guest-images/, never a path: no separator and no "..", so a scenario names one
+# of the harness's own recipes and nothing else on the host.
+RECIPE_NAME = r"^[A-Za-z0-9][A-Za-z0-9_-]*$"
+# Run folders are named <scenario>-<YYYYmmdd-HHMMSS>[-N] (bench-<scenario>-... for the bench),
+# and a VM's logs <vm>.qemu.log and the like: short names keep them far below NAME_MAX (255).
+SCENARIO_NAME_MAX = 64
+VM_NAME_MAX = 32
+# The kernel's command line holds 2048 bytes (x86 and arm64), the harness's own arguments
+# included; a longer one is cut without a word.
+APPEND_MAX = 1024
 
 _ENTRY = re.compile(r"[-+]?[0-9]+")  # ASCII digits only: "²".isdigit() is True
 
@@ -54,8 +66,9 @@ class BuiltinImage:
 
     kind: Literal["builtin"]
     recipe: str | None = field(default=None, metadata=doc(
-        "recipe folder under guest-images/; default: the architecture's cheapest recipe "
-        "whose kernel has every driver the VM's devices need"))
+        "recipe folder under guest-images/ (a plain name, never a path); default: the "
+        "architecture's cheapest recipe whose kernel has every driver the VM's devices need",
+        pattern=RECIPE_NAME))
 
 
 @dataclass(frozen=True)
@@ -87,11 +100,14 @@ Image = BuiltinImage | KernelImage | CloudImage
 
 @dataclass(frozen=True)
 class VM:
-    name: str = field(metadata=doc("VM name, unique in the scenario", pattern=r"^[a-z][a-z0-9-]*$"))
+    name: str = field(metadata=doc("VM name, unique in the scenario", pattern=r"^[a-z][a-z0-9-]*$",
+                                   maxLength=VM_NAME_MAX))
     arch: Arch | None = field(default=None, metadata=doc(
         "guest architecture; default: this host's (another one runs under TCG)"))
     machine: str | None = field(default=None, metadata=doc(
-        "QEMU machine type; default: the architecture's (with its required options)"))
+        "QEMU machine type and its options (TYPE[,key=value...]); default: the "
+        "architecture's (with its required options); accel= (the accel key says it), the "
+        "boot options (kernel=, initrd=, append=, dtb=, firmware=) and dumpdtb= are refused"))
     accel: Accel = field(default=Accel.AUTO, metadata=doc(
         "auto boot-tests KVM (cached per host boot) and falls back to TCG; kvm uses it "
         "untested (an error if /dev/kvm cannot be opened); tcg never uses it"))
@@ -100,11 +116,18 @@ class VM:
                                                       maximum=1048576))
     image: Image = field(default=BuiltinImage(kind="builtin"), metadata=doc("what to boot"))
     devices: tuple[Device, ...] = field(default=(), metadata=doc("PCI devices of the guest"))
-    append: str = field(default="", metadata=doc("extra kernel command line"))
+    append: str = field(default="", metadata=doc("extra kernel command line",
+                                                 maxLength=APPEND_MAX))
     qemu: str | None = field(default=None, metadata=doc(
-        "QEMU binary; default: the architecture's system emulator"))
+        "QEMU binary, run as root: named as the architecture's system emulator (the default's "
+        "name, or that name with a -SUFFIX), on PATH or as a path (relative to the scenario "
+        "file); default: the architecture's, on PATH; refused on a shared host "
+        "(HARNESS_SHARED_HOST=1)"))
     extra_args: tuple[str, ...] = field(default=(), metadata=doc(
-        "extra QEMU arguments, appended as given (an argv list, never a shell string)"))
+        "extra QEMU arguments, appended as given (an argv list, never a shell string); only "
+        "-device, -object, -global, -trace, -d, -icount, -rtc, -overcommit and -msg, and none "
+        "that names a host file or contradicts what the harness sets; refused on a shared "
+        "host (HARNESS_SHARED_HOST=1)"))
 
 
 class Stage(enum.StrEnum):
@@ -118,8 +141,10 @@ class Stage(enum.StrEnum):
 class Workload:
     vm: str = field(metadata=doc("VM that runs it"))
     run: tuple[str, ...] = field(metadata=doc("argv run in the guest over SSH", minItems=1))
-    name: str = field(default="", metadata=doc("label in reports (default: the argv)"))
-    timeout_s: float = field(default=60.0, metadata=doc("time limit", exclusiveMinimum=0))
+    name: str = field(default="", metadata=doc("label in reports (default: the argv)",
+                                               maxLength=200))
+    timeout_s: float = field(default=60.0, metadata=doc("time limit", exclusiveMinimum=0,
+                                                        maximum=86400))
     stage: Stage = field(default=Stage.MEASURE, metadata=doc(
         "measure: inside the measurement window (between the two snapshots); release: after "
         "the window closed, for steps that take a device's vectors away (unbind its guest "
@@ -136,7 +161,7 @@ class Expectation:
         "numbers (\"1\"); empty = the device's vectors that fired, at least one"))
     min_delta: int = field(default=1, metadata=doc(
         "each named vector must deliver at least this many interrupts; with no vectors "
-        "named, the device's vectors together", minimum=0))
+        "named, the device's vectors together", minimum=0, maximum=10**12))
     released: bool = field(default=False, metadata=doc(
         "an assigned device whose vectors the release-stage workloads take away: after them, "
         "none may be left forwarded to a vCPU (every posting mapping the trace saw undone, "
@@ -146,9 +171,9 @@ class Expectation:
 @dataclass(frozen=True)
 class Timeouts:
     boot_s: float = field(default=120.0, metadata=doc("QEMU start to SSH ready",
-                                                      exclusiveMinimum=0))
+                                                      exclusiveMinimum=0, maximum=3600))
     shutdown_s: float = field(default=10.0, metadata=doc("quit -> SIGTERM -> SIGKILL budget",
-                                                         exclusiveMinimum=0))
+                                                         exclusiveMinimum=0, maximum=600))
 
 
 @dataclass(frozen=True)
@@ -158,12 +183,14 @@ class LabSettings:
     append: str = field(default="", metadata=doc(
         "extra kernel arguments for L1, after the lab's own (the last of a kind wins: "
         "kvm-arm.vgic_v4_enable=0 turns GICv4 off in L1's KVM); scenarios of a file that "
-        "differ here get an L1 boot each"))
+        "differ here get an L1 boot each", maxLength=APPEND_MAX))
 
 
 @dataclass(frozen=True)
 class Scenario:
-    name: str = field(metadata=doc("scenario name", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$"))
+    name: str = field(metadata=doc("scenario name; the run folder is <name>-<time>",
+                                   pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$",
+                                   maxLength=SCENARIO_NAME_MAX))
     vms: tuple[VM, ...] = field(metadata=doc("guests to boot", minItems=1))
     description: str = field(default="", metadata=doc("free text"))
     workloads: tuple[Workload, ...] = field(default=(), metadata=doc("run in order"))

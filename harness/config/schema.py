@@ -6,13 +6,14 @@ annotations and field metadata live here too, so the loader and the schema read 
 
 Regenerate the file with::
 
-    python3 -c 'import harness.config.schema as s; s.write_schema("configs/scenario.schema.json")'
+    .venv/bin/harness schema > configs/scenario.schema.json
 """
 
 from __future__ import annotations
 
 import dataclasses
 import enum
+import functools
 import json
 import os
 import types
@@ -25,17 +26,23 @@ from harness.config import model
 DIALECT = "https://json-schema.org/draft/2020-12/schema"
 
 #: Field metadata keys that constrain a value, spelled as in JSON Schema.
-CONSTRAINT_KEYS = ("minimum", "maximum", "exclusiveMinimum", "pattern", "minItems")
+CONSTRAINT_KEYS = ("minimum", "maximum", "exclusiveMinimum", "pattern", "maxLength", "minItems")
 METADATA_KEYS = frozenset({"doc", *CONSTRAINT_KEYS})
 
 
 # --- reading the model's shape (shared with the loader) --------------------------------------
 
 
-def field_types(cls: type) -> dict[str, Any]:
+def field_types(cls: type) -> Mapping[str, Any]:
     """Evaluated annotations of a dataclass (model.py has ``from __future__ import annotations``,
     so ``__annotations__`` holds strings)."""
-    return get_type_hints(cls)
+    return _field_types(cls)
+
+
+@functools.cache
+def _field_types(cls: type) -> Mapping[str, Any]:
+    # Evaluated once per class: the loader asks at every mapping it walks.
+    return types.MappingProxyType(get_type_hints(cls))
 
 
 def field_metadata(f: dataclasses.Field[Any]) -> Mapping[str, Any]:

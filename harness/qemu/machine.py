@@ -26,7 +26,7 @@ from pathlib import Path
 from types import TracebackType
 
 from harness.errors import HarnessError, LaunchError, StateError, UsageError
-from harness.platform import Platform
+from harness.platform import QEMU_SYSTEM_PREFIX, Platform
 from harness.qemu.argv import die_with_harness
 from harness.qemu.console import Console
 from harness.qemu.qmp import QmpChannel, QmpError
@@ -37,15 +37,15 @@ ArgvFactory = Callable[[int, int], list[str]]  # (qmp_fd, console_fd) -> argv
 
 def check_qemu_binary(qemu: str, platform: Platform) -> Path:
     """A scenario's own ``qemu:`` must be a QEMU system emulator before anything runs it: an
-    executable ELF file named ``qemu-system-*`` (a script of that name is refused, and the
-    binary is never run to ask it).  The platform's own name is the usual one."""
+    executable ELF file named like one (a script of that name is refused, and the binary is
+    never run to ask it).  The platform's own name is the usual one."""
     found = shutil.which(qemu)
     if found is None:
         raise UsageError(f"qemu: {qemu}: not found or not executable")
     path = Path(found).resolve()
-    if not path.name.startswith("qemu-system-"):
+    if not path.name.startswith(QEMU_SYSTEM_PREFIX):
         raise UsageError(f"qemu: {qemu}: not a QEMU system emulator (its file is {path.name}, "
-                         f"expected qemu-system-*, e.g. {platform.qemu})")
+                         f"expected {QEMU_SYSTEM_PREFIX}*, e.g. {platform.qemu})")
     try:
         with open(path, "rb") as fh:
             magic = fh.read(4)
@@ -139,9 +139,7 @@ class Machine:
             self.qmp_ready_at = time.monotonic()
             # The version for the report comes from QEMU itself, not from running the binary
             # a second time (which may be a user's file: it runs once, as the VM).
-            version = self.qmp.execute("query-version")
-            self.version = (f"QEMU {version['qemu']['major']}.{version['qemu']['minor']}."
-                            f"{version['qemu']['micro']} {version.get('package', '')}".strip())
+            self.version = self._query_version()
             self.state = MachineState.RUNNING
         except BaseException:
             qmp_theirs.close()
@@ -152,6 +150,16 @@ class Machine:
                 qmp_ours.close()
             self._teardown(grace=0.0)
             raise
+
+    def _query_version(self) -> str:
+        assert self.qmp is not None
+        try:
+            answer = self.qmp.execute("query-version")
+            q, package = answer["qemu"], answer.get("package", "")
+            return f"QEMU {q['major']}.{q['minor']}.{q['micro']} {package}".strip()
+        except (QmpError, KeyError, TypeError) as exc:
+            self._log.debug("query-version: %s", exc)
+            return "unknown (QEMU did not answer query-version)"
 
     def _launch_failure(self, reason: str) -> LaunchError:
         code = None

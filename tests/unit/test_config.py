@@ -10,6 +10,7 @@ import dataclasses
 import enum
 import json
 import os
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -38,7 +39,7 @@ from harness.config import (
     scenario_json_schema,
 )
 from harness.config.schema import field_metadata, scenario_json_schema_text
-from harness.errors import ConfigError
+from harness.errors import ConfigError, UsageError
 
 REPO = Path(__file__).resolve().parents[2]
 DATA = REPO / "tests" / "data" / "configs"
@@ -57,7 +58,8 @@ def test_full_scenario_builds_exactly_the_model() -> None:
         description="every device and image kind the format knows",
         vms=(
             VM(
-                name="host-a", machine="q35", accel=Accel.KVM, cpus=4, memory_mib=1024,
+                name="host-a", arch=model.Arch.X86_64, machine="q35", accel=Accel.KVM, cpus=4,
+                memory_mib=1024,
                 image=BuiltinImage(kind="builtin", recipe="debian-generic"),
                 devices=(
                     VirtioNet(kind="virtio-net", id="net0", addr=0x03),
@@ -68,7 +70,7 @@ def test_full_scenario_builds_exactly_the_model() -> None:
                 ),
                 append="console=ttyS0 loglevel=7",
                 qemu="qemu-system-x86_64",
-                extra_args=("-display", "none"),
+                extra_args=("-trace", "vfio_*", "-global", "virtio-pci.disable-legacy=on"),
             ),
             VM(
                 name="host-b", accel=Accel.TCG,
@@ -269,7 +271,7 @@ INVALID: list[tuple[str, str, bool]] = [
      "bad-duplicate-device-id.yaml:7: vms[0].devices[2].id: duplicate device id 'disk0' "
      "in VM 'vm' (first at line 6)", False),
     ("bad-addr-range.yaml",
-     "bad-addr-range.yaml:5: vms[0].devices[0].addr: slot 0x20 is outside 0x01..0x1e", False),
+     "bad-addr-range.yaml:5: vms[0].devices[0].addr: slot 0x1f is outside 0x01..0x1e", False),
     ("bad-addr-duplicate.yaml",
      "bad-addr-duplicate.yaml:10: vms[0].devices[1].addr: slot 0x05 is already used by 'net0' "
      "(line 7)", False),
@@ -294,7 +296,7 @@ INVALID: list[tuple[str, str, bool]] = [
      "bad-arch.yaml:4: vms[0].arch: unknown value 'aarch64' (did you mean 'arm64'?); allowed "
      "values: x86_64, arm64", True),
     ("bad-addr-range-arm64.yaml",
-     "bad-addr-range-arm64.yaml:6: vms[0].devices[0].addr: slot 0x20 is outside 0x01..0x1f",
+     "bad-addr-range-arm64.yaml:6: vms[0].devices[0].addr: slot 0x00 is outside 0x01..0x1f",
      False),
     ("bad-two-ssh.yaml",
      "bad-two-ssh.yaml:7: vms[0].devices[1].ssh: 'net0' and 'net1' both forward SSH; set "
@@ -376,7 +378,8 @@ def test_invalid_file_gives_one_exact_line(name: str, message: str, schema_rejec
      "s.yaml:4: invalid YAML: special characters are not allowed (U+0007)"),
     ("---\n", "s.yaml:1: the file is empty; a scenario needs at least 'name' and 'vms'"),
     ("~\n", "s.yaml:1: expected a mapping at the top level, got null"),
-    ("just text\n", "s.yaml:1: expected a mapping at the top level, got 'just text'"),
+    # not echoed: the file may be anything (a key, a password file), not a scenario
+    ("just text\n", "s.yaml:1: expected a mapping at the top level, got text"),
 ])
 def test_inline_mistakes(text: str, message: str) -> None:
     with pytest.raises(ConfigError) as info:
@@ -416,7 +419,7 @@ def test_directory_is_not_a_scenario(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as info:
         load_scenario(tmp_path)
 
-    assert str(info.value) == f"{tmp_path}: cannot read: Is a directory"
+    assert str(info.value) == f"{tmp_path}: is a directory, not a scenario file"
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root reads files whatever their mode")
@@ -438,7 +441,7 @@ def test_non_utf8_file(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as info:
         load_scenario(path)
 
-    assert str(info.value) == f"{path}: not UTF-8 text (invalid continuation byte at byte 9)"
+    assert str(info.value) == f"{path}:1: not UTF-8 text (invalid continuation byte at byte 9)"
 
 
 # --- the JSON Schema ------------------------------------------------------------------------
@@ -446,8 +449,8 @@ def test_non_utf8_file(tmp_path: Path) -> None:
 
 def test_committed_schema_is_the_generated_one() -> None:
     assert SCHEMA_FILE.read_text(encoding="utf-8") == scenario_json_schema_text(), (
-        "configs/scenario.schema.json is stale; regenerate it with: python3 -c 'import "
-        "harness.config.schema as s; s.write_schema(\"configs/scenario.schema.json\")'")
+        "configs/scenario.schema.json is stale; regenerate it with: "
+        ".venv/bin/harness schema > configs/scenario.schema.json")
 
 
 def test_schema_shape() -> None:
@@ -491,9 +494,9 @@ def test_every_model_field_is_documented_except_kind() -> None:
 def test_unknown_metadata_is_refused() -> None:
     @dataclasses.dataclass(frozen=True)
     class Odd:
-        x: int = dataclasses.field(metadata={"doc": "x", "maxLength": 3})
+        x: int = dataclasses.field(metadata={"doc": "x", "maxProperties": 3})
 
-    with pytest.raises(TypeError, match="maxLength"):
+    with pytest.raises(TypeError, match="maxProperties"):
         field_metadata(dataclasses.fields(Odd)[0])
 
 
@@ -549,3 +552,55 @@ def test_an_error_in_the_second_scenario_names_its_line() -> None:
            "    devices: [{{kind: virtio-net, id: n}}]\n")  # 5 lines; the second starts at 7
     with pytest.raises(ConfigError, match=r"^m.yaml:10: vms\[0\].cpus: expected an integer"):
         load_scenarios_text(doc.format("a", 1) + "---\n" + doc.format("b", "x"), "m.yaml")
+
+
+# --- trust: what a scenario may ask of the host --------------------------------------------------
+
+
+QEMU_SCENARIO = ("name: n\nvms:\n  - name: a\n    arch: x86_64\n    qemu: {qemu}\n"
+                 "    devices: [{{kind: virtio-net, id: n0}}]\n")
+
+
+def test_a_qemu_path_is_taken_from_the_scenario_folder(tmp_path: Path) -> None:
+    scenario = load_scenario_text(QEMU_SCENARIO.format(qemu="../bin/qemu-system-x86_64"),
+                                  str(tmp_path / "conf" / "s.yaml"))
+
+    assert scenario.vms[0].qemu == str(tmp_path / "bin" / "qemu-system-x86_64")
+
+
+@pytest.mark.parametrize("qemu", ["qemu-system-x86_64", "qemu-system-x86_64-debug",
+                                  "/opt/qemu-9.2/bin/qemu-system-x86_64"])
+def test_a_qemu_named_as_the_architectures_is_accepted(qemu: str) -> None:
+    scenario = load_scenario_text(QEMU_SCENARIO.format(qemu=qemu), "/s/s.yaml")
+
+    assert scenario.vms[0].qemu == qemu  # a name stays a name, looked up on PATH
+
+
+def test_a_shared_host_refuses_a_qemu_and_extra_args(monkeypatch: pytest.MonkeyPatch) -> None:
+    text = QEMU_SCENARIO.format(qemu="qemu-system-x86_64")
+    message = ("s.yaml:5: vms[0].qemu: refused on a shared host (HARNESS_SHARED_HOST=1): a "
+               "scenario may not choose the binary the harness runs as root")
+
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_scenario_text(text, "s.yaml", shared_host=True)
+    monkeypatch.setenv("HARNESS_SHARED_HOST", "1")  # read when the caller does not say
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_scenario_text(text, "s.yaml")
+    assert load_scenario_text(text, "s.yaml", shared_host=False).vms[0].qemu == (
+        "qemu-system-x86_64")
+
+
+def test_a_bad_shared_host_setting_is_a_usage_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HARNESS_SHARED_HOST", "true")
+
+    with pytest.raises(UsageError, match="HARNESS_SHARED_HOST must be 1"):
+        load_scenario_text(QEMU_SCENARIO.format(qemu="qemu-system-x86_64"), "s.yaml")
+
+
+def test_text_over_the_size_limit_is_refused_before_parsing() -> None:
+    from harness.config.loader import MAX_FILE_BYTES
+
+    with pytest.raises(ConfigError) as info:
+        load_scenario_text("#" * (MAX_FILE_BYTES + 1), "s.yaml")
+
+    assert str(info.value) == "s.yaml: is larger than 256 KiB, the most a scenario file may be"
