@@ -594,8 +594,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             os.environ["HARNESS_SHARED_HOST"] = "1"
         # stderr: the harness's own warnings (all its records with -v); the libraries' records
         # go to each run's harness.log only (harness.logs).
-        logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING,
-                            format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
+        level = logging.DEBUG if verbose else logging.WARNING
+        logging.basicConfig(level=level, format="%(asctime)s %(name)s: %(message)s",
+                            stream=sys.stderr)
+        for handler in logging.getLogger().handlers:  # a run's log lowers its loggers' level:
+            handler.setLevel(level)  # stderr keeps its own
         return HANDLERS[type(request)](request)
     except HarnessError as exc:
         print(f"harness: error: {exc}", file=sys.stderr)

@@ -159,3 +159,26 @@ def test_an_out_folder_that_cannot_be_written_is_one_line_exit_2(tmp_path: Path)
     assert error_lines(done.stderr) == [
         f"harness: error: --out {blocker}/runs: cannot write a run folder there: "
         "Not a directory"]
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="host capability missing: mounting a small "
+                    "tmpfs (a full disk) needs root")
+def test_a_full_disk_is_one_line_exit_4_and_no_partial_report(tmp_path: Path) -> None:
+    full = tmp_path / "full"
+    full.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=40k", "tmpfs", str(full)], check=True)
+    try:
+        done = subprocess.run([sys.executable, "-m", "harness.cli", "run",
+                               str(REPO / "configs" / "smoke.yaml"), "--out", str(full)],
+                              capture_output=True, text=True, cwd=REPO, timeout=300)
+        (run_dir,) = full.iterdir()
+        assert done.returncode == 4, done.stderr
+        assert done.stderr.count("Traceback") == 0
+        (line,) = error_lines(done.stderr)
+        assert "No space left on device" in line and str(run_dir) in line, line
+        report = run_dir / "report.json"
+        assert not report.exists() or json.loads(report.read_text())  # never a partial one
+        assert not list(run_dir.glob(".*.part"))
+        assert not qemu_children(os.getpid())
+    finally:
+        subprocess.run(["umount", "-l", str(full)], check=False)
