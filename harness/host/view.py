@@ -28,6 +28,9 @@ T = TypeVar("T")
 #: A recorded tree stores what a command printed on the real host in a file at its root.
 #: Live (root ``/``) the command is run instead.
 COMMAND_FILES = {"dmesg": "dmesg.txt", "ip-addr": "ip-addr.json", "ip-route": "ip-route.json"}
+#: A recording keeps a folder that was listed, even when it holds nothing else, by this empty
+#: file in it (git keeps no empty folders); listings never show it.
+FOLDER_MARKER = ".recorded"
 #: A recording that could not keep sysfs symlinks lists them here instead.
 SYMLINKS_FILE = "symlinks.txt"
 _LIVE_COMMANDS = {"dmesg": ["dmesg"],
@@ -174,6 +177,7 @@ class HostView:
         prefix = host_path.rstrip("/") + "/"
         names.update(p[len(prefix):] for p in self._links
                      if p.startswith(prefix) and "/" not in p[len(prefix):])
+        names.discard(FOLDER_MARKER)
         return tuple(sorted(names))
 
     def exists(self, host_path: str) -> bool:
@@ -314,7 +318,9 @@ class RecordingHostView(HostView):
             if os.path.islink(self.path(inner)):
                 self._note_link(inner)
             elif os.path.isdir(self.path(inner)):
-                (self.dest / inner.lstrip("/")).mkdir(parents=True, exist_ok=True)
+                folder = self.dest / inner.lstrip("/")
+                folder.mkdir(parents=True, exist_ok=True)
+                (folder / FOLDER_MARKER).touch()
             elif not (self.dest / inner.lstrip("/")).exists():
                 self._copy(inner, b"")
         return names
