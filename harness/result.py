@@ -25,12 +25,39 @@ class Phase:
 
 @dataclass(frozen=True)
 class WorkloadResult:
+    """One workload's end.  ``exit_status`` is -1 when there is none: stopped at its limit
+    (``timed_out``; ``left_running`` if the guest could not confirm the stop) or killed by a
+    signal.  The whole output is in ``<vm>.workload.log``; ``output_tail`` is its last lines,
+    ``output_bytes`` how much there was."""
+
     vm: str
     name: str
     argv: tuple[str, ...]
     exit_status: int
     seconds: float
     output_tail: str
+    timeout_s: float = 0.0  # the limit on its wall clock
+    timed_out: bool = False
+    output_bytes: int = 0
+    left_running: bool = False
+
+    @property
+    def passed(self) -> bool:
+        return self.exit_status == 0 and not self.timed_out
+
+    @property
+    def message(self) -> str:
+        """One line: the workload's VM, name and what became of it (with its limit)."""
+        if self.timed_out:
+            stop = ("and could not be stopped: it may still run in the guest"
+                    if self.left_running else "stopped")
+            what = (f"timed out: still running at its limit of {self.timeout_s:g} s, {stop} "
+                    f"({self.output_bytes} bytes of output)")
+        elif self.exit_status == -1:
+            what = "ended without an exit status (killed by a signal)"
+        else:
+            what = f"exit status {self.exit_status}"
+        return f"workload {self.vm}: {self.name}: {what} after {self.seconds:.1f} s"
 
 
 @dataclass(frozen=True)

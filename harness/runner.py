@@ -146,19 +146,33 @@ def snapshot(vms: tuple[GuestVM, ...], host: HostEvidence | None, label: str,
 def run_workloads(scenario: Scenario, vms: tuple[GuestVM, ...], run_dir: Path,
                   progress: Progress, stage: Stage = Stage.MEASURE
                   ) -> tuple[WorkloadResult, ...]:
-    """The scenario's workloads of ``stage`` in order; the output goes to
-    ``<vm>.workload.log``."""
+    """The scenario's workloads of ``stage`` in order, each for at most its ``timeout_s`` of
+    wall clock.  Their output is streamed to ``<vm>.workload.log`` as it arrives (only a tail
+    stays in memory).  A workload that fails or outlives its limit is a failed result, not an
+    error: the next workloads and the verdicts still run."""
     by_name = {vm.name: vm for vm in vms}
     results = []
     for workload in (w for w in scenario.workloads if w.stage is stage):
         label = workload.name or " ".join(workload.run)
         progress(f"{workload.vm}: running {label}")
-        done = by_name[workload.vm].run(workload.run, workload.timeout_s)
-        tail = (done.stdout + done.stderr).strip().splitlines()[-3:]
-        results.append(WorkloadResult(workload.vm, label, workload.run, done.exit_status,
-                                      done.seconds, "\n".join(tail)))
-        with (run_dir / f"{workload.vm}.workload.log").open("a") as log_file:
-            log_file.write(f"$ {label}\n{done.stdout}{done.stderr}[exit {done.exit_status}]\n")
+        # Unbuffered: each chunk is in the file as soon as it arrived (tail -f shows it).
+        with (run_dir / f"{workload.vm}.workload.log").open("ab+", buffering=0) as log_file:
+            log_file.write(f"$ {label}\n".encode())
+            done = by_name[workload.vm].run(workload.run, workload.timeout_s,
+                                            output=log_file.write)
+            log_file.seek(-1, os.SEEK_END)
+            newline = b"" if log_file.read(1) == b"\n" else b"\n"
+            stop = "could not be stopped" if done.left_running else "stopped"
+            footer = (f"[timed out: still running at its limit of {workload.timeout_s:g} s, "
+                      f"{stop}]" if done.timed_out else f"[exit {done.exit_status}]")
+            log_file.write(newline + footer.encode() + b"\n")
+        tail = "\n".join((done.stdout + done.stderr).strip().splitlines()[-3:])[-2000:]
+        result = WorkloadResult(workload.vm, label, workload.run, done.exit_status,
+                                done.seconds, tail, workload.timeout_s, done.timed_out,
+                                done.stdout_bytes + done.stderr_bytes, done.left_running)
+        if not result.passed:
+            progress(result.message)
+        results.append(result)
     return tuple(results)
 
 

@@ -245,10 +245,13 @@ class GuestVM:
             raise GuestError(self.name, "not booted")
         return self.agent.snapshot()
 
-    def run(self, argv: tuple[str, ...] | list[str], timeout: float) -> CommandResult:
+    def run(self, argv: tuple[str, ...] | list[str], timeout: float,
+            output: Callable[[bytes], object] | None = None) -> CommandResult:
+        """Run ``argv`` in the guest for at most ``timeout`` seconds of wall clock; its output
+        goes to ``output`` as it arrives and only its tail is kept (see GuestSSH.run)."""
         if self.ssh is None:
             raise GuestError(self.name, "not booted")
-        return self.ssh.run(argv, timeout)
+        return self.ssh.run(argv, timeout, output=output)
 
     def console_tail(self) -> str:
         return self.machine.console.tail() if self.machine and self.machine.console else ""

@@ -143,8 +143,10 @@ class Workload:
     run: tuple[str, ...] = field(metadata=doc("argv run in the guest over SSH", minItems=1))
     name: str = field(default="", metadata=doc("label in reports (default: the argv)",
                                                maxLength=200))
-    timeout_s: float = field(default=60.0, metadata=doc("time limit", exclusiveMinimum=0,
-                                                        maximum=86400))
+    timeout_s: float = field(default=60.0, metadata=doc(
+        "wall-clock limit on the whole workload, however much it prints; on expiry the "
+        "command and everything it started in the guest are killed and the workload fails",
+        exclusiveMinimum=0, maximum=86400))
     stage: Stage = field(default=Stage.MEASURE, metadata=doc(
         "measure: inside the measurement window (between the two snapshots); release: after "
         "the window closed, for steps that take a device's vectors away (unbind its guest "

@@ -18,6 +18,10 @@ from harness.interrupts import InterruptSnapshot, parse_proc_interrupts
 AGENT = "harness-agent"
 PROTOCOL = 1
 
+#: The largest answer the agent may give: a snapshot is /proc/interrupts (about 300 KB on a
+#: guest with 256 vCPUs) and the PCI functions; anything past this is not an answer.
+MAX_ANSWER_BYTES = 16 << 20
+
 
 @dataclass(frozen=True)
 class PciFunction:
@@ -47,7 +51,13 @@ class GuestAgent:
         self._timeout = timeout
 
     def _call(self, *args: str) -> dict[str, Any]:
-        result = self._ssh.run([AGENT, *args], self._timeout)
+        result = self._ssh.run([AGENT, *args], self._timeout, keep=MAX_ANSWER_BYTES)
+        if result.timed_out:
+            raise GuestError(self._ssh.name, f"{AGENT} {' '.join(args)}: no answer within "
+                             f"{self._timeout:g} s (stopped)")
+        if result.stdout_bytes > MAX_ANSWER_BYTES:
+            raise GuestError(self._ssh.name, f"{AGENT} {' '.join(args)}: answer of "
+                             f"{result.stdout_bytes} bytes, more than {MAX_ANSWER_BYTES}")
         if result.exit_status != 0:
             raise GuestError(self._ssh.name, f"{AGENT} {' '.join(args)} exited "
                              f"{result.exit_status}: {result.stderr.strip()[-300:]}")

@@ -212,12 +212,12 @@ def _follow(machine: Machine, progress: Progress, timeout: float) -> None:
             machine.console.wait_for(r"^harness-lab: job end", 1.0, "the job's end")
         except GuestError:
             pass
-        lines = machine.console.lines()
-        for line in lines[seen:]:
+        lines = machine.console.lines(since=seen)  # numbered since boot: the window rolls
+        for line in lines:
             if line.text.startswith("[") and "] " in line.text[:12]:
                 progress(f"L1 {line.text}")
-        seen = len(lines)
-        if any(ln.text.startswith("harness-lab: job end") for ln in lines[-5:]):
+        seen = lines[-1].number + 1 if lines else seen
+        if any(ln.text.startswith("harness-lab: job end") for ln in lines):
             break
     try:
         machine.wait_exit(30.0)

@@ -46,7 +46,8 @@ def to_dict(result: RunResult) -> dict[str, Any]:
         "total_seconds": round(result.total_seconds, 3),
         "vms": [{**asdict(vm), "devices": [{"id": i, "kind": k, "bdf": b}
                                            for i, k, b in vm.devices]} for vm in result.vms],
-        "workloads": [asdict(w) for w in result.workloads],
+        "workloads": [{**asdict(w), "passed": w.passed, "message": w.message}
+                      for w in result.workloads],
         "vectors": [verdict_dict(v) for v in result.verdicts],
         "host_wiring": [dict(w) for w in result.host.wiring],
         "host_notes": list(result.host.notes),

@@ -28,8 +28,9 @@ def to_xml(result: RunResult) -> ET.Element:
         case = ET.SubElement(suite, "testcase", classname=f"harness.{name}.workload",
                              name=f"{w.vm}: {w.name}", time=f"{w.seconds:.3f}")
         cases += 1
-        if w.exit_status != 0:
-            fail = ET.SubElement(case, "failure", message=f"exit status {w.exit_status}")
+        if not w.passed:
+            fail = ET.SubElement(case, "failure", message=w.message,
+                                 type="timeout" if w.timed_out else "exit status")
             fail.text = w.output_tail
             failures += 1
     for e in result.expectations:

@@ -37,9 +37,11 @@ def format_summary(result: RunResult) -> str:
     if result.workloads:
         out.append("")
         for w in result.workloads:
-            mark = "ok " if w.exit_status == 0 else "FAIL"
-            out.append(f"  [{mark}] workload {w.vm}: {w.name} ({w.seconds:.1f} s, "
-                       f"exit {w.exit_status})")
+            if w.passed:
+                out.append(f"  [ok ] workload {w.vm}: {w.name} ({w.seconds:.1f} s, exit 0)")
+                continue
+            out.append(f"  [FAIL] {w.message}")
+            out += [f"  | {line[:200]}" for line in w.output_tail.splitlines()[-3:]]
     if result.expectations:
         out.append("")
         for e in result.expectations:
