@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import enum
 import gzip
+import os
 import platform as _pyplatform
 import re
+import stat
 import struct
 import zlib
 from collections.abc import Callable, Mapping
@@ -78,7 +80,8 @@ def arm64_image_release(path: Path) -> str:
         except (OSError, EOFError, zlib.error) as exc:
             raise ImageError(f"{path}: not a readable gzip-compressed Image: {exc}") from exc
     elif len(head) >= 0x3C and head[0x38:0x3C] == b"ARM\x64":
-        data = path.read_bytes()[:_MAX_KERNEL_BYTES]
+        with open(path, "rb") as fh:
+            data = fh.read(_MAX_KERNEL_BYTES)
     else:
         raise ImageError(f"{path}: not an arm64 Image (no 'ARM\\x64' magic, not gzip)")
     found = _BANNER.search(data)
@@ -88,11 +91,20 @@ def arm64_image_release(path: Path) -> str:
 
 
 def _read_head(path: Path, size: int) -> bytes:
+    """The first ``size`` bytes of a kernel file; a FIFO, a device or a folder is refused
+    without blocking on it (opened non-blocking, its kind checked on the open file)."""
     try:
-        with open(path, "rb") as fh:
-            return fh.read(size)
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
     except OSError as exc:
         raise ImageError(f"{path}: cannot read the kernel: {exc.strerror}") from exc
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise ImageError(f"{path}: not a regular file, so not a kernel image")
+    with os.fdopen(fd, "rb") as fh:
+        try:
+            return fh.read(size)
+        except OSError as exc:
+            raise ImageError(f"{path}: cannot read the kernel: {exc.strerror}") from exc
 
 
 @dataclass(frozen=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import gzip
+import os
 import re
 import struct
 from pathlib import Path
@@ -133,3 +134,13 @@ def test_a_kernel_of_the_wrong_format_is_refused_with_its_name(tmp_path: Path) -
         ARM64.kernel_release(broken)
     with pytest.raises(ImageError, match="cannot read the kernel"):
         ARM64.kernel_release(tmp_path / "absent")
+
+
+def test_a_kernel_that_is_a_fifo_or_a_device_is_refused_without_blocking(tmp_path: Path) -> None:
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    for path in (fifo, Path("/dev/zero"), tmp_path):
+        with pytest.raises(ImageError, match="not a regular file|cannot read the kernel"):
+            ARM64.kernel_release(path)
+        with pytest.raises(ImageError, match="not a regular file|cannot read the kernel"):
+            X86_64.kernel_release(path)
