@@ -309,7 +309,7 @@ def test_e1000e_beside_virtio_and_a_second_vm_pass_with_the_default_setup(
     report = json.loads((run_dir / "report.json").read_text())
     lan = [v for v in report["vectors"] if v["vm"] == "nics" and v["device"] == "lan0"]
     # 100 echo replies; the e1000e moderates its interrupts (ITR), so fewer than 100 may come.
-    assert sum(v["evidence"]["guest_delta"] for v in lan) >= 50
+    assert sum(v["evidence"]["guest_delta"] for v in lan) >= 40
     assert {v["path"] for v in lan if v["evidence"]["guest_delta"] > 0} == {"emulated"}
     kernels = {vm["name"]: vm["kernel_release"] for vm in report["vms"]}
     assert not kernels["nics"].endswith("-cloud-amd64") and kernels["disk"].endswith("-cloud-amd64")
