@@ -157,6 +157,17 @@ class Outcome:
     leftovers: tuple[str, ...]  # files in the working folder, HOME or the cache
 
 
+def _acts(report: Path) -> tuple[str, ...]:
+    """What the child's audit hook saw; a child killed at its limit may leave no report, or
+    one it had not finished writing."""
+    try:
+        return tuple(json.loads(report.read_text()))
+    except FileNotFoundError:
+        return ("no report",)
+    except ValueError:
+        return ("report unfinished",)
+
+
 class Validator:
     """``harness validate FILE`` in a forked child of a warm server, measured."""
 
@@ -198,13 +209,15 @@ class Validator:
             max_rss_mib=answer["max_rss_kib"] / 1024,
             stdout=(case / "stdout").read_text(encoding="utf-8", errors="replace"),
             stderr=(case / "stderr").read_text(encoding="utf-8", errors="replace"),
-            acts=tuple(json.loads(report.read_text())) if report.exists() else ("no report",),
+            acts=_acts(report),
             leftovers=tuple(str(p) for f in folders.values() for p in f.rglob("*")))
 
     def close(self) -> None:
         if self.server.stdin is not None:
             self.server.stdin.close()
         self.server.wait(timeout=10)
+        if self.server.stdout is not None:  # else it is left to the collector, and warns
+            self.server.stdout.close()
 
 
 @pytest.fixture(scope="module")
