@@ -344,6 +344,8 @@ def handle_lab_run(req: LabRunRequest) -> int:
         from harness.lab.bench import format_lab_bench
 
         print(format_lab_bench(lab))
+    for note in lab.notes:
+        print(f"lab: {note}")
     phases = ", ".join(f"{name} {seconds:.1f}s" for name, seconds in lab.phases)
     print(f"lab: {phases}; total {lab.total_seconds:.1f}s; L1 console {run_dir}/"
           f"lab-l1.console.log")

@@ -12,6 +12,7 @@ harness inside runs this very checkout and boots the images prepared here.
 from __future__ import annotations
 
 import json
+import re
 import shlex
 import subprocess
 import sys
@@ -119,6 +120,7 @@ class LabRun:
     exit_status: int | None = None
     phases: list[tuple[str, float]] = field(default_factory=list)
     inner_runs: list[Path] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # what went wrong and was tried again
 
     @property
     def total_seconds(self) -> float:
@@ -172,21 +174,35 @@ def run_in_lab(platform: Platform, boots: list[LabBoot], run_dir: Path, progress
         def argv_for(qmp_fd: int, console_fd: int, append: str = boot.append) -> list[str]:
             return l1_argv(setup, share, append) + channel_args(qmp_fd, console_fd)
 
-        name = "lab-l1" if n == 1 else f"lab-l1-{n}"
-        with Machine(name, argv_for, run_dir) as machine:
-            what = platform.lab.what + (f"; {boot.append}" if boot.append else "")
-            progress(f"lab: booting the emulated host (L1{suffix}: {what})")
-            launched = time.monotonic()
-            machine.launch()
-            assert machine.console is not None
-            machine.console.wait_for(r"^harness-lab: job start", BOOT_TIMEOUT_S,
-                                     "L1 to boot and start the job")
-            booted = time.monotonic()
-            result.phases.append((f"L1{suffix} boot", booted - launched))
-            progress(f"lab: L1{suffix} up in {booted - launched:.1f} s; running "
-                     f"{shlex.join(argv[3:6] if boot.harness else argv)}")
-            _follow(machine, progress, timeout)
-            result.phases.append((f"job in L1{suffix}", time.monotonic() - booted))
+        for attempt in range(1, LOCKUP_ATTEMPTS + 1):
+            name = ("lab-l1" if n == 1 else f"lab-l1-{n}") + (
+                f"-try{attempt}" if attempt > 1 else "")
+            before = set(run_dir.glob("*/report.json"))
+            try:
+                with Machine(name, argv_for, run_dir) as machine:
+                    what = platform.lab.what + (f"; {boot.append}" if boot.append else "")
+                    progress(f"lab: booting the emulated host (L1{suffix}: {what})")
+                    launched = time.monotonic()
+                    machine.launch()
+                    assert machine.console is not None
+                    machine.console.wait_for(r"^harness-lab: job start", BOOT_TIMEOUT_S,
+                                             "L1 to boot and start the job")
+                    booted = time.monotonic()
+                    result.phases.append((f"L1{suffix} boot", booted - launched))
+                    progress(f"lab: L1{suffix} up in {booted - launched:.1f} s; running "
+                             f"{shlex.join(argv[3:6] if boot.harness else argv)}")
+                    _follow(machine, progress, timeout)
+                    result.phases.append((f"job in L1{suffix}", time.monotonic() - booted))
+                break
+            except L1LockedUp as exc:
+                if attempt == LOCKUP_ATTEMPTS:
+                    raise
+                # The half-done inner runs stay as evidence, out of the reports' way.
+                for report in set(run_dir.glob("*/report.json")) - before:
+                    report.rename(report.with_name("report.l1-locked-up.json"))
+                result.notes.append(f"{name}: {exc.reason}; booted again")
+                progress(f"lab: {exc.reason} (an emulation hang, see {machine.console_path}); "
+                         "booting L1 again")
         status_file = run_dir / "exit-status"
         if not status_file.exists():
             raise GuestError(name, "the job in L1 ended without an exit status (see "
@@ -199,8 +215,20 @@ def run_in_lab(platform: Platform, boots: list[LabBoot], run_dir: Path, progress
     return result
 
 
+# QEMU's TCG sometimes hangs an L1 vCPU in nested virtualization (seen with the x86 lab's
+# nested SVM, about one L2 start in four on a 2-core machine): the L1 kernel's watchdog says so
+# within half a minute.  Such an L1 is booted again, once; the hang is noted in the result.
+_LOCKUP = re.compile(r"watchdog: BUG: soft lockup|rcu: INFO: rcu_\w+ self-detected stall")
+LOCKUP_ATTEMPTS = 2
+
+
+class L1LockedUp(LaunchError):
+    """L1's kernel reported a vCPU that stopped making progress."""
+
+
 def _follow(machine: Machine, progress: Progress, timeout: float) -> None:
-    """Relay the inner harness's progress lines until L1 powers off."""
+    """Relay the inner harness's progress lines until L1 powers off; an L1 whose kernel
+    reports a locked-up vCPU is given up at once (:class:`L1LockedUp`)."""
     assert machine.console is not None
     deadline = time.monotonic() + timeout
     seen = 0
@@ -214,6 +242,9 @@ def _follow(machine: Machine, progress: Progress, timeout: float) -> None:
             pass
         lines = machine.console.lines(since=seen)  # numbered since boot: the window rolls
         for line in lines:
+            if _LOCKUP.search(line.text):
+                raise L1LockedUp(machine.name, f"L1 locked up: {line.text.strip()}",
+                                 machine.argv)
             if line.text.startswith("[") and "] " in line.text[:12]:
                 progress(f"L1 {line.text}")
         seen = lines[-1].number + 1 if lines else seen
