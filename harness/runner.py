@@ -32,7 +32,7 @@ from harness.logs import run_log
 from harness.qemu.argv import PlacedDevice
 from harness.qemu.console import FATAL_PATTERNS
 from harness.result import HostFindings, Phase, RunResult, VMSummary, WorkloadResult
-from harness.scratch import sweep
+from harness.scratch import sweep, tidy
 from harness.verdict import ExpectationResult, VectorVerdict, check, check_released, classify
 from harness.vm import GuestVM
 
@@ -249,8 +249,11 @@ def run_scenario(scenario: Scenario, scenario_file: str, run_dir: Path,
     """
     run_dir.mkdir(parents=True, exist_ok=True)
     sweep()  # scratch files of harnesses that were killed
-    with run_log(run_dir / "harness.log"):
-        return _run(scenario, scenario_file, run_dir, progress, force_bind)
+    try:
+        with run_log(run_dir / "harness.log"):
+            return _run(scenario, scenario_file, run_dir, progress, force_bind)
+    finally:
+        tidy()
 
 
 def _run(scenario: Scenario, scenario_file: str, run_dir: Path, progress: Progress,

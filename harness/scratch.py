@@ -50,3 +50,11 @@ def sweep() -> list[Path]:
             shutil.rmtree(entry, ignore_errors=True)
             removed.append(entry)
     return removed
+
+
+def tidy() -> None:
+    """This process's scratch folder, removed once it is empty (its VMs are gone)."""
+    try:
+        (scratch_root() / str(os.getpid())).rmdir()
+    except OSError:
+        pass  # absent, or still holding a VM's disk

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from harness.scratch import scratch_dir, scratch_root, sweep
+from harness.scratch import scratch_dir, scratch_root, sweep, tidy
 
 
 def test_sweep_removes_a_dead_processs_folder_and_keeps_the_living(
@@ -25,3 +25,16 @@ def test_sweep_removes_a_dead_processs_folder_and_keeps_the_living(
     living.mkdir()
     assert sweep() == [dead]
     assert mine.is_dir() and living.is_dir() and not dead.exists()
+
+
+
+def test_tidy_removes_this_processs_folder_only_when_empty(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HARNESS_CACHE", str(tmp_path))
+    disk = scratch_dir() / "run.g.disk0.img"
+    disk.write_bytes(b"")
+    tidy()
+    assert disk.exists()  # a VM's disk is still there: kept
+    disk.unlink()
+    tidy()
+    assert not disk.parent.exists()
