@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import ClassVar, Literal, Protocol
+from typing import Any, ClassVar, Literal, Protocol
 
 from harness.config.fields import doc
 from harness.platform import Platform
@@ -32,6 +32,17 @@ _ADDR_DOC = "PCI slot on the root bus (default: the lowest free one from 0x03)"
 _NETWORK_DOC = ("this NIC's own user-mode network, an IPv4 /24 (the guest is .15, the gateway "
                 ".2); default: 10.0.2.0/24 for the VM's first NIC, 10.0.3.0/24 for its second, "
                 "and so on (the lowest one no NIC of the VM names)")
+
+
+def _id_doc(text: str = "device id, unique in the VM") -> dict[str, object]:
+    """The ``id`` key every kind has (QEMU's id rules, short enough for block node names);
+    a metadata helper, not a field one, so that dataclasses still see a key without default."""
+    return doc(text, pattern=DEVICE_ID, maxLength=DEVICE_ID_MAX)
+
+
+def _addr_field(text: str = _ADDR_DOC) -> Any:
+    """The ``addr`` key every kind has: a slot on the root bus, or None for the next free."""
+    return field(default=None, metadata=doc(text, minimum=0, maximum=SLOT_MAX))
 
 
 class Placement(Protocol):
@@ -101,9 +112,8 @@ class _UserNic(_Kind):
 @dataclass(frozen=True)
 class VirtioNet(_UserNic):
     kind: Literal["virtio-net"]
-    id: str = field(metadata=doc("device id, unique in the VM; used by expectations",
-                                  pattern=DEVICE_ID, maxLength=DEVICE_ID_MAX))
-    addr: int | None = field(default=None, metadata=doc(_ADDR_DOC, minimum=0, maximum=SLOT_MAX))
+    id: str = field(metadata=_id_doc("device id, unique in the VM; used by expectations"))
+    addr: int | None = _addr_field()
     ssh: bool = field(default=True, metadata=doc(
         "forward the guest's SSH port over this NIC (user-mode network, 127.0.0.1 only)"))
     network: str | None = field(default=None, metadata=doc(_NETWORK_DOC, pattern=NETWORK))
@@ -115,9 +125,8 @@ class VirtioNet(_UserNic):
 @dataclass(frozen=True)
 class E1000e(_UserNic):
     kind: Literal["e1000e"]
-    id: str = field(metadata=doc("device id, unique in the VM", pattern=DEVICE_ID,
-                                  maxLength=DEVICE_ID_MAX))
-    addr: int | None = field(default=None, metadata=doc(_ADDR_DOC, minimum=0, maximum=SLOT_MAX))
+    id: str = field(metadata=_id_doc())
+    addr: int | None = _addr_field()
     ssh: bool = field(default=False, metadata=doc(
         "forward the guest's SSH port over this NIC"))
     network: str | None = field(default=None, metadata=doc(_NETWORK_DOC, pattern=NETWORK))
@@ -129,9 +138,8 @@ class E1000e(_UserNic):
 @dataclass(frozen=True)
 class VirtioBlk(_Kind):
     kind: Literal["virtio-blk"]
-    id: str = field(metadata=doc("device id, unique in the VM", pattern=DEVICE_ID,
-                                  maxLength=DEVICE_ID_MAX))
-    addr: int | None = field(default=None, metadata=doc(_ADDR_DOC, minimum=0, maximum=SLOT_MAX))
+    id: str = field(metadata=_id_doc())
+    addr: int | None = _addr_field()
     size_mib: int = field(default=8, metadata=doc("size of the scratch disk (a sparse raw file)",
                                                   minimum=1, maximum=65536))
 
@@ -155,12 +163,10 @@ class VirtioBlk(_Kind):
 @dataclass(frozen=True)
 class VfioPci(_Kind):
     kind: Literal["vfio-pci"]
-    id: str = field(metadata=doc("device id, unique in the VM", pattern=DEVICE_ID,
-                                  maxLength=DEVICE_ID_MAX))
+    id: str = field(metadata=_id_doc())
     host: str = field(metadata=doc("host PCI address, e.g. 0000:00:05.0",
                                    pattern=r"^[0-9a-fA-F]{4}:[0-9a-fA-F]{2}:[0-9a-fA-F]{2}\.[0-7]$"))
-    addr: int | None = field(default=None, metadata=doc("PCI slot on the guest's root bus",
-                                                         minimum=0, maximum=SLOT_MAX))
+    addr: int | None = _addr_field("PCI slot on the guest's root bus")
     no_kvm_msix: bool = field(default=False, metadata=doc(
         "x-no-kvm-msix=on: QEMU handles MSI-X in user space (no KVM irqfd)"))
     no_kvm_msi: bool = field(default=False, metadata=doc("x-no-kvm-msi=on"))
