@@ -21,8 +21,9 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from types import FrameType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
+from harness import manual_cli
 from harness.errors import HarnessError, Interrupted, OutputError, UsageError
 from harness.platform import Arch
 
@@ -455,12 +456,38 @@ HANDLERS: dict[type, Callable[..., int]] = {
 }
 
 
+# --- experiments by hand (harness.manual_cli): up, down, ssh, qmp, console -------------------
+
+
+def _write_reports(result: Any, run_dir: Path) -> Path:
+    """report.json, junit.xml and summary.txt of a run, as ``harness run`` writes them; the
+    summary printed."""
+    from harness.report.json_report import write_json
+    from harness.report.junit import write_junit
+    from harness.report.summary import format_summary
+
+    summary = format_summary(result)
+    report = _write_aside(run_dir / "report.json", functools.partial(write_json, result))
+    _write_aside(run_dir / "junit.xml", functools.partial(write_junit, result))
+    _write_aside(run_dir / "summary.txt", functools.partial(_write_text, summary + "\n"))
+    print(summary)
+    return report
+
+
+def handle_up(req: manual_cli.UpRequest) -> int:
+    return manual_cli.handle_up(req, _progress, _make_run_dir, _write_reports)
+
+
+HANDLERS.update(manual_cli.HANDLERS)
+HANDLERS[manual_cli.UpRequest] = handle_up
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # type: ignore[override]
         raise UsageError(f"{self.prog}: {message}")
 
 
-def parse_args(argv: Sequence[str]) -> tuple[Request, bool]:
+def parse_args(argv: Sequence[str]) -> tuple[Request | manual_cli.Request, bool]:
     parser = _Parser(prog="harness", description=__doc__.splitlines()[0] if __doc__ else "")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging to stderr")
     parser.add_argument("--shared-host", action="store_true",
@@ -547,7 +574,13 @@ def parse_args(argv: Sequence[str]) -> tuple[Request, bool]:
     p.add_argument("--arch", choices=[a.value for a in Arch], default=None,
                    help="the emulated host's architecture (default: this machine's)")
 
-    ns = parser.parse_args(list(argv))
+    manual_cli.add_parsers(sub)
+
+    words, command = manual_cli.split_command(argv)
+    ns = parser.parse_args(words)
+    manual = manual_cli.request_of(ns, command)
+    if manual is not None:
+        return manual, ns.verbose
     request: Request
     if ns.command == "run":
         request = RunRequest(ns.scenario, ns.out, ns.verbose, ns.force_bind, tuple(ns.only))

@@ -25,15 +25,15 @@ from types import FrameType, MappingProxyType
 
 from harness.config.model import Scenario, Stage
 from harness.errors import GuestError, HarnessError, Interrupted
-from harness.guest.agent import GuestSnapshot
+from harness.guest.agent import GuestSnapshot, functions_to_json
 from harness.host.binding import VfioBinding
 from harness.hostside import HostEvidence, HostMeasurement, HostSnapshot, ReleaseState
+from harness.join import join
 from harness.logs import run_log
-from harness.qemu.argv import PlacedDevice
 from harness.qemu.console import FATAL_PATTERNS
 from harness.result import HostFindings, Phase, RunResult, VMSummary, WorkloadResult
 from harness.scratch import sweep, tidy
-from harness.verdict import ExpectationResult, VectorVerdict, check, check_released, classify
+from harness.verdict import ExpectationResult, VectorVerdict, check, check_released
 from harness.vm import GuestVM
 
 log = logging.getLogger(__name__)
@@ -55,57 +55,30 @@ class Window:
     host: HostSnapshot | None
 
 
-def vector_verdicts(vm: str, placed: tuple[PlacedDevice, ...], before: GuestSnapshot,
-                    after: GuestSnapshot,
-                    host: HostMeasurement | None = None) -> list[VectorVerdict]:
-    """A verdict for every MSI/MSI-X vector of every scenario device the guest set up.
-
-    For an assigned device the guest vector (guest BDF, MSI-X entry) is joined to the host's
-    vfio vector (host BDF, same entry: vfio maps the MSI-X table one to one) for the host
-    count and the bypass wiring.
-    """
-    delta = before.interrupts.delta(after.interrupts)
-    verdicts = []
-    for p in placed:
-        func = after.device(p.bdf) or before.device(p.bdf)
-        msi_irqs = {irq for irq, _ in func.msi_irqs} if func else set()
-        assigned = p.device.assigned_host
-        for row in delta.rows:
-            line = row.after or row.before
-            if line is None:
-                continue
-            ours = line.label in msi_irqs or (line.vector is not None
-                                              and line.vector.bdf == p.bdf)
-            if not ours:
-                continue
-            entry = line.vector.entry if line.vector else None
-            host_delta = wiring = None
-            if assigned is not None and host is not None:
-                host_delta = host.host_delta(assigned, entry)
-                found = host.wiring_for(assigned, entry)
-                wiring = found.as_verdict_wiring() if found else None
-            path, reason = classify(p.device.emulated, row.total, host_delta,
-                                    wiring)
-            if assigned is not None and host is not None and host.wiring_note and wiring is None:
-                reason += f" ({host.wiring_note})"
-            verdicts.append(VectorVerdict(
-                vm=vm, device=p.device.id, bdf=p.bdf, entry=entry,
-                name=", ".join(line.actions) or line.description, irq=line.label,
-                guest_delta=row.total, host_delta=host_delta, wiring=wiring, path=path,
-                reason=reason, per_cpu=row.per_cpu))
-    return verdicts
-
-
 # --- the phases -----------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class KeepUp:
+    """``harness up``: each VM gets a QMP monitor for people at ``<qmp_dir>/<vm>.qmp``, and
+    ``hold`` is called once the measurement window is open (after the measure workloads); it
+    returns when the user is done (Ctrl-C, ``harness down``), and the run then closes the
+    window, judges what was measured and tears down as ``run`` does."""
+
+    qmp_dir: Path
+    hold: Callable[[tuple[GuestVM, ...]], None]
+
+
 def prepare_vms(scenario: Scenario, run_dir: Path, progress: Progress,
-                stack: contextlib.ExitStack) -> tuple[GuestVM, ...]:
+                stack: contextlib.ExitStack, qmp_dir: Path | None = None
+                ) -> tuple[GuestVM, ...]:
     """Image, accelerator and placement of every VM; each VM's teardown goes on ``stack``."""
     vms = []
     for spec in scenario.vms:
         vm = stack.enter_context(GuestVM(spec, run_dir, progress, scenario.timeouts.boot_s,
-                                         scenario.timeouts.shutdown_s))
+                                         scenario.timeouts.shutdown_s,
+                                         user_qmp=qmp_dir / f"{spec.name}.qmp"
+                                         if qmp_dir is not None else None))
         vm.prepare()
         vms.append(vm)
     return tuple(vms)
@@ -135,11 +108,15 @@ def _summary(vm: GuestVM) -> VMSummary:
 
 def snapshot(vms: tuple[GuestVM, ...], host: HostEvidence | None, label: str,
              run_dir: Path) -> Window:
-    """Every guest's counters (saved as ``<vm>.<label>.interrupts``) and the host's."""
+    """Every guest's counters (saved as ``<vm>.<label>.interrupts`` and ``.devices.json``)
+    and the host's."""
     guests = {}
     for vm in vms:
         guests[vm.name] = vm.snapshot()
         (run_dir / f"{vm.name}.{label}.interrupts").write_text(guests[vm.name].raw_interrupts)
+        # The PCI functions (MSI IRQs and INTx line from sysfs): what the join reads.
+        (run_dir / f"{vm.name}.{label}.devices.json").write_text(
+            functions_to_json(guests[vm.name].devices))
     return Window(MappingProxyType(guests), host.snapshot(label) if host else None)
 
 
@@ -206,8 +183,8 @@ def judge(scenario: Scenario, vms: tuple[GuestVM, ...], before: Window, after: W
     """A verdict per vector of every VM, and each expectation checked against them."""
     verdicts: list[VectorVerdict] = []
     for vm in vms:
-        verdicts += vector_verdicts(vm.name, vm.placed, before.guests[vm.name],
-                                    after.guests[vm.name], host)
+        verdicts += join(vm.name, vm.placed, before.guests[vm.name], after.guests[vm.name],
+                         host)
     return tuple(verdicts), tuple(check(e, verdicts) for e in scenario.expect)
 
 
@@ -239,7 +216,7 @@ class _Progress:
 
 def run_scenario(scenario: Scenario, scenario_file: str, run_dir: Path,
                  progress: Progress = lambda message: None,
-                 force_bind: bool = False) -> RunResult:
+                 force_bind: bool = False, keep_up: KeepUp | None = None) -> RunResult:
     """Run the scenario; harness errors end up in ``result.error``, never half-torn-down.
 
     A SIGINT or SIGTERM (KeyboardInterrupt) ends the phases: teardown then runs with further
@@ -251,20 +228,20 @@ def run_scenario(scenario: Scenario, scenario_file: str, run_dir: Path,
     sweep()  # scratch files of harnesses that were killed
     try:
         with run_log(run_dir / "harness.log"):
-            return _run(scenario, scenario_file, run_dir, progress, force_bind)
+            return _run(scenario, scenario_file, run_dir, progress, force_bind, keep_up)
     finally:
         tidy()
 
 
 def _run(scenario: Scenario, scenario_file: str, run_dir: Path, progress: Progress,
-         force_bind: bool) -> RunResult:
+         force_bind: bool, keep_up: KeepUp | None = None) -> RunResult:
     run = _Progress(RunResult(scenario, scenario_file, run_dir, time.time()))
     vms: list[GuestVM] = []
     interrupted: str | None = None
     try:
         with contextlib.ExitStack() as stack:
             try:
-                _phases(scenario, run, vms, stack, progress, force_bind)
+                _phases(scenario, run, vms, stack, progress, force_bind, keep_up)
             except KeyboardInterrupt:
                 interrupted = f"interrupted during {run.current or 'the run'}"
             except Exception as exc:  # whatever broke because a QEMU died, that is the cause
@@ -291,7 +268,8 @@ def _run(scenario: Scenario, scenario_file: str, run_dir: Path, progress: Progre
 
 
 def _phases(scenario: Scenario, run: _Progress, vms: list[GuestVM],
-            stack: contextlib.ExitStack, progress: Progress, force_bind: bool) -> None:
+            stack: contextlib.ExitStack, progress: Progress, force_bind: bool,
+            keep_up: KeepUp | None = None) -> None:
     """The phases in order, each result added to ``run``; ``vms`` is filled as they are made
     (the caller reads their console tails and tears them down through ``stack``)."""
     run_dir = run.result.run_dir
@@ -300,7 +278,8 @@ def _phases(scenario: Scenario, run: _Progress, vms: list[GuestVM],
     vm_stack = contextlib.ExitStack()
     try:
         with run.phase("prepare (image, accel)"):
-            vms += prepare_vms(scenario, run_dir, progress, vm_stack)
+            vms += prepare_vms(scenario, run_dir, progress, vm_stack,
+                               keep_up.qmp_dir if keep_up is not None else None)
         host = _host_evidence(scenario, tuple(vms), run, stack, progress, force_bind)
     except BaseException:
         vm_stack.close()
@@ -310,10 +289,17 @@ def _phases(scenario: Scenario, run: _Progress, vms: list[GuestVM],
     with run.phase("boot"):
         booted = boot(ready)
     run.update(vms=booted.vms, phases=run.result.phases[:-1] + booted.phases)
+    if any(w.stage is Stage.SETUP for w in scenario.workloads):
+        with run.phase("setup"):
+            run.update(workloads=run_workloads(scenario, ready, run_dir, progress, Stage.SETUP))
     with run.phase("snapshot before"):
         before = snapshot(ready, host, "before", run_dir)
     with run.phase("workload"):
-        run.update(workloads=run_workloads(scenario, ready, run_dir, progress))
+        run.update(workloads=run.result.workloads
+                   + run_workloads(scenario, ready, run_dir, progress))
+    if keep_up is not None:
+        with run.phase("up (by hand)"):
+            keep_up.hold(ready)
     with run.phase("verdict"):
         after = snapshot(ready, host, "after", run_dir)
         measured = None

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -73,6 +74,9 @@ class GuestVM:
     ssh: GuestSSH | None = None
     agent: GuestAgent | None = None
     times: BootTimes = field(default_factory=BootTimes)
+    # ``harness up``: a QMP monitor for people on this Unix socket path (in a private 0700
+    # folder the caller made); None: the harness's own socketpair monitor only
+    user_qmp: Path | None = None
     _client_key: ClientKey | None = None
     _ssh_user: str = "root"
     _scratch: list[Path] = field(default_factory=list)
@@ -191,16 +195,49 @@ class GuestVM:
         scratch = self._scratch_files()
         accel, platform = self.accel.accel, self.platform
 
+        listener = self._user_qmp_listener()
+
         def argv_for(qmp_fd: int, console_fd: int) -> list[str]:
             return qargv.build_argv(platform, self.spec, accel, boot, self.placed, scratch,
-                                    qmp_fd, console_fd)
+                                    qmp_fd, console_fd,
+                                    listener.fileno() if listener is not None else None)
 
-        self.machine = Machine(self.name, argv_for, self.run_dir)
+        self.machine = Machine(self.name, argv_for, self.run_dir,
+                               extra_fds=(listener.fileno(),) if listener is not None else ())
         self.progress(f"{self.name}: starting QEMU ({accel}, {self.spec.cpus} vCPU, "
                       f"{self.spec.memory_mib} MiB)")
-        self.machine.launch()
+        try:
+            self.machine.launch()
+        finally:
+            if listener is not None:
+                listener.close()  # QEMU holds its own copy
         self._client_key = client_key
         self._ssh_user = user
+
+    def _user_qmp_listener(self) -> socket.socket | None:
+        """The listening socket of the people's QMP monitor, 0600, if one is wanted."""
+        if self.user_qmp is None:
+            return None
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            listener.bind(str(self.user_qmp))
+            os.chmod(self.user_qmp, 0o600)
+            listener.listen(4)
+        except OSError as exc:
+            listener.close()
+            raise GuestError(self.name, f"cannot make the QMP socket {self.user_qmp}: "
+                             f"{exc.strerror}") from exc
+        self._scratch.append(self.user_qmp)
+        return listener
+
+    @property
+    def client_key(self) -> ClientKey | None:
+        """The run's SSH key for this VM (made at launch)."""
+        return self._client_key
+
+    @property
+    def ssh_user(self) -> str:
+        return self._ssh_user
 
     def boot(self) -> None:
         """Launch and wait until the guest answers over SSH."""

@@ -133,6 +133,7 @@ class VM:
 class Stage(enum.StrEnum):
     """When a workload runs, relative to the measurement window."""
 
+    SETUP = "setup"
     MEASURE = "measure"
     RELEASE = "release"
 
@@ -148,6 +149,8 @@ class Workload:
         "command and everything it started in the guest are killed and the workload fails",
         exclusiveMinimum=0, maximum=86400))
     stage: Stage = field(default=Stage.MEASURE, metadata=doc(
+        "setup: once the VMs are up, before the measurement window opens (load a module, "
+        "configure an address; harness up runs these before it hands the VMs over); "
         "measure: inside the measurement window (between the two snapshots); release: after "
         "the window closed, for steps that take a device's vectors away (unbind its guest "
         "driver, hot-unplug), whose aftermath expectations with released: true check"))

@@ -11,12 +11,13 @@ import base64
 import binascii
 import io
 import logging
+import os
 import secrets
 import shlex
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import paramiko
 from cryptography.hazmat.primitives import serialization
@@ -29,10 +30,12 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class ClientKey:
-    """An ed25519 key pair made for one run; never written to disk."""
+    """An ed25519 key pair made for one run; written to disk only for ``harness up`` (its
+    ``pem``, 0600 in the run folder, removed at teardown), so that ``ssh`` reaches the VM."""
 
     private: paramiko.PKey
     public_line: str  # "ssh-ed25519 AAAA..."
+    pem: str = field(default="", repr=False)  # the private key, OpenSSH format
 
     @property
     def public_b64(self) -> str:
@@ -45,7 +48,24 @@ class ClientKey:
                                 serialization.NoEncryption()).decode()
         public = key.public_key().public_bytes(serialization.Encoding.OpenSSH,
                                                serialization.PublicFormat.OpenSSH).decode()
-        return ClientKey(paramiko.Ed25519Key.from_private_key(io.StringIO(pem)), public)
+        return ClientKey(paramiko.Ed25519Key.from_private_key(io.StringIO(pem)), public, pem)
+
+    @staticmethod
+    def load(path: str) -> ClientKey:
+        """A key :meth:`write` wrote (``harness irq watch`` reaches a VM of ``up`` with it)."""
+        try:
+            with open(path) as fh:
+                pem = fh.read()
+            key = paramiko.Ed25519Key.from_private_key(io.StringIO(pem))
+        except (OSError, paramiko.SSHException, ValueError) as exc:
+            raise GuestError("ssh", f"{path}: cannot read the run's SSH key: {exc}") from exc
+        return ClientKey(key, f"{key.get_name()} {key.get_base64()}", pem)
+
+    def write(self, path: str) -> None:
+        """The private key in a new file readable by its owner only (0600 from creation)."""
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(self.pem)
 
 
 def parse_host_key(line: str) -> paramiko.PKey:
@@ -149,6 +169,15 @@ class GuestSSH:
 
     def __repr__(self) -> str:
         return f"<GuestSSH {self.name} 127.0.0.1:{self.port} {'up' if self._client else 'down'}>"
+
+    @property
+    def host_key(self) -> paramiko.PKey:
+        """The guest's host key, as pinned from its console."""
+        return self._host_key
+
+    @property
+    def client_key(self) -> ClientKey:
+        return self._client_key
 
     def connect(self, timeout: float, alive: Callable[[], bool],
                 console_tail: Callable[[], str]) -> None:

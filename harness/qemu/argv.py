@@ -155,10 +155,19 @@ def channel_args(qmp_fd: int, console_fd: int) -> list[str]:
             "-chardev", f"socket,id=console,fd={console_fd}", "-serial", "chardev:console"]
 
 
+def user_monitor_args(listen_fd: int) -> list[str]:
+    """A second QMP monitor for people (``harness qmp``, ``qmp-shell``): QEMU serves it on a
+    Unix socket the harness bound and listens on (created 0600, in a private 0700 folder), so
+    the socket's permissions never depend on QEMU's umask."""
+    return ["-chardev", f"socket,id=qmp-user,fd={listen_fd},server=on,wait=off",
+            "-mon", "chardev=qmp-user,mode=control"]
+
+
 def build_argv(platform: Platform, vm: VM, accel: str, boot: Boot,
                placed: Sequence[PlacedDevice], scratch: Mapping[str, Path], qmp_fd: int,
-               console_fd: int) -> list[str]:
+               console_fd: int, user_qmp_fd: int | None = None) -> list[str]:
     argv = (machine_args(platform, vm, accel) + channel_args(qmp_fd, console_fd)
+            + (user_monitor_args(user_qmp_fd) if user_qmp_fd is not None else [])
             + boot_args(boot))
     for p in placed:
         argv += device_args(p, scratch)

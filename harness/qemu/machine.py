@@ -69,8 +69,9 @@ class Machine:
     """A QEMU process and its channels.  Use as a context manager."""
 
     def __init__(self, name: str, argv_factory: ArgvFactory, run_dir: Path,
-                 qmp_timeout: float = 15.0) -> None:
+                 qmp_timeout: float = 15.0, extra_fds: tuple[int, ...] = ()) -> None:
         self.name = name
+        self._extra_fds = extra_fds  # more descriptors QEMU inherits (a listening socket)
         self.run_dir = run_dir
         self._argv_factory = argv_factory
         self._qmp_timeout = qmp_timeout
@@ -121,7 +122,8 @@ class Machine:
                 try:
                     self._proc = subprocess.Popen(  # noqa: S603 - argv list, no shell
                         die_with_harness(self.argv),
-                        pass_fds=(qmp_theirs.fileno(), con_theirs.fileno()),
+                        pass_fds=(qmp_theirs.fileno(), con_theirs.fileno(),
+                                  *self._extra_fds),
                         stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
                         process_group=0)
                 except OSError as exc:

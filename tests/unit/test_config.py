@@ -283,8 +283,8 @@ INVALID: list[tuple[str, str, bool]] = [
      "bad-released-no-stage.yaml:13: expect[0].released: VM 'vm' has no workload with stage: "
      "release to take the device's vectors away", False),
     ("bad-stage.yaml",
-     "bad-stage.yaml:7: workloads[0].stage: unknown value 'after'; allowed values: measure, "
-     "release", True),
+     "bad-stage.yaml:7: workloads[0].stage: unknown value 'after'; allowed values: setup, "
+     "measure, release", True),
     ("bad-network-duplicate.yaml",
      "bad-network-duplicate.yaml:10: vms[0].devices[1].network: 10.0.7.0/24 is already the "
      "network of 'net0' (line 7); each NIC of a VM needs its own", False),
