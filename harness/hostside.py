@@ -47,6 +47,7 @@ from harness.host.vgic import (
     task_tgid,
 )
 from harness.interrupts import InterruptDelta, InterruptSnapshot, parse_proc_interrupts
+from harness.join import kinds_match
 from harness.platform import PostingModel, platform_of_uname
 
 log = logging.getLogger(__name__)
@@ -70,15 +71,18 @@ class HostMeasurement:
     vgic_notes: tuple[str, ...] = ()  # why vgic-state was not read or not joined
     doorbells: tuple[DoorbellDelta, ...] = ()  # GICv4 vPE doorbells of the window
 
-    def host_delta(self, bdf: str, entry: int | None) -> int | None:
+    def host_delta(self, bdf: str, entry: int | None, kind: str = "msix") -> int | None:
+        """The host count of the device's vfio line of that kind and index (None: no line)."""
         if entry is None:
             return None
         rows = [r for r in self.delta.for_device(bdf) if r.vector is not None
-                and r.vector.entry == entry]
+                and r.vector.entry == entry and kinds_match(kind, r.vector.kind)]
         return sum(r.total for r in rows) if rows else None
 
-    def wiring_for(self, bdf: str, entry: int | None) -> VectorWiring | None:
-        return next((w for w in self.wiring if w.bdf == bdf and w.entry == entry), None)
+    def wiring_for(self, bdf: str, entry: int | None, kind: str = "msix"
+                   ) -> VectorWiring | None:
+        return next((w for w in self.wiring if w.bdf == bdf and w.entry == entry
+                     and kinds_match(kind, w.kind)), None)
 
     def notes(self) -> tuple[str, ...]:
         doorbells = (("GICv4 doorbells (\"vcpu\" on the vPE irqchip): "
@@ -287,18 +291,16 @@ class HostEvidence:
     def measure(self, before: HostSnapshot, after: HostSnapshot) -> HostMeasurement:
         """Counts, wiring and (arm64) vgic-state; call while the guests still run (the trace
         and the VMs' debugfs files are read here)."""
-        tracker = BypassTracker(connect_probes=self._connect_probes)
-        wiring: list[VectorWiring] = []
+        trace = None
         if self._session is not None:
             trace = self._session.read()
             (self.run_dir / "host.bypass.trace").write_text(trace)
-            tracker.feed(parse_trace(trace.splitlines()))
-            wiring = tracker.wiring(after.interrupts)
-        delta = before.interrupts.delta(after.interrupts)
-        anomalies = tuple(f"anomaly {a.kind}: {a.message}" for a in tracker.anomalies)
+        counted, tracker = measure_recorded(before.interrupts, after.interrupts, trace,
+                                            self.wiring_note, self._connect_probes)
+        wiring, delta, anomalies = counted.wiring, counted.delta, counted.anomalies
         if self.posting is not PostingModel.VLPI and not tracker.counts.get("fwd"):
             # A host posting through IRTEs has no vgic: nothing to read, nothing to explain.
-            return HostMeasurement(delta, tuple(wiring), self.wiring_note, anomalies)
+            return counted
         vms, vgic_notes = self.read_vgic()
         joined = join_vgic_state(wiring, tracker.vlpi, vms,
                                  lambda tid: task_tgid(tid, self.proc),
@@ -306,3 +308,18 @@ class HostEvidence:
         return HostMeasurement(delta, joined.wiring, self.wiring_note,
                                anomalies + joined.anomalies, vms, vgic_notes + joined.notes,
                                doorbell_deltas(delta))
+
+
+def measure_recorded(before: InterruptSnapshot, after: InterruptSnapshot, trace: str | None,
+                     wiring_note: str = "", connect_probes: bool = True
+                     ) -> tuple[HostMeasurement, BypassTracker]:
+    """Counts and traced wiring from two host readings and the bypass trace text (None: not
+    traced): the part of a measurement that reads nothing but its inputs, so a run folder's
+    files give the same answer as the run did."""
+    tracker = BypassTracker(connect_probes=connect_probes)
+    wiring: list[VectorWiring] = []
+    if trace is not None:
+        tracker.feed(parse_trace(trace.splitlines()))
+        wiring = tracker.wiring(after)
+    anomalies = tuple(f"anomaly {a.kind}: {a.message}" for a in tracker.anomalies)
+    return HostMeasurement(before.delta(after), tuple(wiring), wiring_note, anomalies), tracker

@@ -16,7 +16,7 @@ from harness.errors import TextParseError
 
 log = logging.getLogger(__name__)
 
-VectorKind = Literal["msi", "msix", "msi-or-msix"]
+VectorKind = Literal["msi", "msix", "msi-or-msix", "intx"]
 DeltaStatus = Literal["both", "appeared", "vanished"]
 
 
@@ -29,16 +29,20 @@ class InterruptsParseError(TextParseError):
 
 @dataclass(frozen=True)
 class VectorId:
-    """One MSI or MSI-X vector of one PCI function: the identity a delivery check is about."""
+    """One interrupt source of one PCI function: an MSI-X entry, an MSI vector, or its INTx
+    line (entry 0).  The identity a delivery check is about."""
 
     bdf: str  # "0000:00:03.0": lowercase, domain at least 4 hex digits
-    entry: int  # MSI-X table entry, or the vector index within a multi-MSI block
+    entry: int  # MSI-X table entry, the vector index within a multi-MSI block, 0 for INTx
     kind: VectorKind  # "msi-or-msix" when only a shared-domain hwirq told us the entry
 
 
 _BDF = r"[0-9a-fA-F]{4,8}:[0-9a-fA-F]{2}:[0-9a-fA-F]{2}\.[0-7]"
 _SHORT_BDF = re.compile(r"[0-9a-fA-F]{2}:[0-9a-fA-F]{2}\.[0-7]")
 _VFIO_ACTION = re.compile(rf"vfio-(?P<kind>msix?)\[(?P<entry>\d+)\]\((?P<bdf>{_BDF})\)")
+# vfio-pci's INTx handler (drivers/vfio/pci/vfio_pci_intrs.c: "vfio-intx(%s)", pci_name): a
+# line IRQ (IO-APIC, GIC SPI), so the chip says nothing about the device.
+_VFIO_INTX_ACTION = re.compile(rf"vfio-intx\((?P<bdf>{_BDF})\)")
 # Per-device MSI domains (about 6.2+) are named "<prefix>PCI-MSI[X]-<pci_name>", where the
 # prefix is the parent's ("IR-", "ITS-"); their hwirq is the MSI-X entry / MSI index.
 _PER_DEVICE_CHIP = re.compile(rf"(?:[\w.]+-)*PCI-MSI(?P<x>X?)-(?P<bdf>{_BDF})")
@@ -77,6 +81,10 @@ def _vector_of(chip: str | None, hwirq: int | None,
             kind: VectorKind = "msix" if m["kind"] == "msix" else "msi"
             from_action = VectorId(normalize_bdf(m["bdf"]), int(m["entry"]), kind)
             break
+        m = _VFIO_INTX_ACTION.fullmatch(action)
+        if m:
+            # A shared line may carry other handlers too: the vfio one names the device.
+            return VectorId(normalize_bdf(m["bdf"]), 0, "intx")
     from_chip: VectorId | None = None
     if chip is not None and hwirq is not None:
         m = _PER_DEVICE_CHIP.fullmatch(chip)

@@ -36,6 +36,7 @@ class VectorVerdict:
     path: DeliveryPath | None  # None: the evidence does not fit any path
     reason: str
     per_cpu: tuple[int, ...] = ()
+    kind: str = ""  # "msix", "msi", "intx" ("msi-or-msix": the guest did not say which)
 
     @property
     def label(self) -> str:
@@ -57,10 +58,12 @@ def classify(emulated: bool, guest_delta: int, host_delta: int | None,
         return None, "assigned device, but no bypass wiring was observed for this vector"
     ratio = host_delta / guest_delta
     numbers = f"host {host_delta} / guest {guest_delta} = {ratio:.2f}"
+    if wiring.intx:
+        return _classify_intx(ratio, numbers, wiring)
     state = wiring.state
     if state is not None and not state.agrees:
         # Contradicting evidence gives no verdict at all, bounce or posted: never a guess.
-        return None, (f"the bypass trace and the kernel's vgic-state disagree, "
+        return None, (f"the bypass trace and the kernel's {state.source} disagree, "
                       f"{state.disagreement} ({numbers})")
     if wiring.posted and ratio <= POSTED_MAX_RATIO:
         if wiring.vlpi:
@@ -68,7 +71,10 @@ def classify(emulated: bool, guest_delta: int, host_delta: int | None,
                     else "; vgic-state not read")
             return DeliveryPath.POSTED, ("forwarded as a vLPI (GICv4 direct injection) and the "
                                          f"host did not see the IRQs ({numbers}){seen}")
-        return DeliveryPath.POSTED, f"IRTE posted and the host did not see the IRQs ({numbers})"
+        seen = (f"; the {state.source} agrees: {state.summary}" if state is not None
+                else "")
+        return DeliveryPath.POSTED, (f"IRTE posted and the host did not see the IRQs "
+                                     f"({numbers}){seen}")
     if ratio < BOUNCE_MIN_RATIO:
         mechanism = "forwarded as a vLPI" if wiring.vlpi else "the IRTE is posted"
         posted = (f"{mechanism}, yet the host saw more IRQs than posting allows"
@@ -84,6 +90,21 @@ def classify(emulated: bool, guest_delta: int, host_delta: int | None,
     return None, (f"host saw the IRQs ({numbers}) but the wiring is inconsistent: "
                   f"producer={wiring.producer} consumer={wiring.consumer} "
                   f"connected={wiring.connected}")
+
+
+def _classify_intx(ratio: float, numbers: str, wiring: Wiring) -> tuple[DeliveryPath | None, str]:
+    """An assigned device's INTx line: vfio-pci masks it in the host and signals an eventfd;
+    KVM injects it through an irqfd whose resample fd unmasks it at the guest's EOI, or QEMU
+    does both in user space.  vfio registers no bypass producer for INTx: never posted."""
+    if ratio < BOUNCE_MIN_RATIO:
+        return None, (f"INTx: the host saw too few IRQs for a bounce ({numbers}), and INTx is "
+                      "never posted")
+    if wiring.resample:
+        return DeliveryPath.IRQFD_BOUNCE, (f"INTx through a KVM irqfd with a resample fd, "
+                                           f"every IRQ went through the host ({numbers}): "
+                                           f"{wiring.detail}")
+    return DeliveryPath.USERSPACE_BOUNCE, (f"INTx with no KVM irqfd: QEMU relays each IRQ and "
+                                           f"its EOI ({numbers})")
 
 
 @dataclass(frozen=True)

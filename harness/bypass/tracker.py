@@ -22,11 +22,10 @@ import logging
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from harness.bypass.manager import BypassError, BypassManager, CallbackError, Consumer, Producer
 from harness.host.tracefs import ProbeSpec, TraceRecord
-from harness.host.vgic import VgicAgreement
 from harness.interrupts import InterruptSnapshot
 from harness.platform import PostingModel
 
@@ -214,6 +213,25 @@ class VlpiState:
     cause: str
 
 
+class StateWitness(Protocol):
+    """A kernel state source read beside the trace (arm64 vgic-state, x86 IR tables): it
+    agrees with the trace or says what contradicts what."""
+
+    @property
+    def agrees(self) -> bool: ...
+
+    @property
+    def summary(self) -> str: ...
+
+    @property
+    def disagreement(self) -> str: ...
+
+    @property
+    def source(self) -> str: ...
+
+    def to_dict(self) -> dict[str, Any]: ...
+
+
 @dataclass(frozen=True)
 class Wiring:
     """What the tracker saw for one assigned vector, as the verdict weighs it."""
@@ -224,7 +242,9 @@ class Wiring:
     posted: bool = False
     detail: str = ""
     vlpi: bool = False  # posted as a GICv4 vLPI (arm64), not through a posted IRTE
-    state: VgicAgreement | None = None  # the VM's vgic-state against the trace, when read
+    state: StateWitness | None = None  # a kernel state source against the trace, when read
+    intx: bool = False  # the device's INTx line, not an MSI/MSI-X vector
+    resample: bool = False  # INTx: a KVM irqfd with a resample fd serves the line
 
 
 @dataclass(frozen=True)
@@ -246,7 +266,15 @@ class VectorWiring:
     vlpi_mapped: bool = False  # its_map_vlpi's mapping of this host irq is in force
     forwarding_calls: int = 0  # kvm_vgic_v4_set_forwarding entries traced for this host irq
     task: int | None = None  # the task that registered the producer (or forwarded it)
-    state: VgicAgreement | None = None  # filled in by the host side from vgic-state
+    state: StateWitness | None = None  # filled in by the host side (vgic-state, IR table)
+    resample: bool = False  # INTx: a KVM irqfd with a resample fd is assigned (none undone)
+    vcpus: tuple[int, ...] = ()  # posted IRTE: each vCPU it was pointed at, in order
+    before_trace: bool = False  # the vector existed before the trace started, its producer
+    #                              registration unseen: its pairing is unknown, not absent
+
+    @property
+    def intx(self) -> bool:
+        return self.kind == "intx"
 
     @property
     def vlpi(self) -> bool:
@@ -255,10 +283,19 @@ class VectorWiring:
 
     def as_verdict_wiring(self) -> Wiring:
         return Wiring(self.producer, self.consumer, self.connected, self.posted,
-                      self.describe(), self.vlpi, self.state)
+                      self.describe(), self.vlpi, self.state, self.intx, self.resample)
 
     def describe(self) -> str:
+        if self.intx:
+            # vfio-pci registers no bypass producer for INTx: it is never posted.
+            return (f"host irq {self.host_irq}: INTx, KVM irqfd with a resample fd (GSI "
+                    f"{self.gsi}): the line bounces through the host kernel"
+                    if self.resample else f"host irq {self.host_irq}: INTx, no KVM irqfd with "
+                    "a resample fd: QEMU relays the line and its EOI")
         if not self.producer:
+            if self.before_trace:
+                return (f"host irq {self.host_irq}: paired before the trace started: unknown "
+                        "(its producer registration was not seen)")
             return f"host irq {self.host_irq}: no bypass producer registered"
         token = f"token {self.token:#x}" if self.token is not None else "unknown token"
         if not self.consumer:
@@ -270,8 +307,10 @@ class VectorWiring:
             return (f"host irq {self.host_irq}, {token}: connected to KVM irqfd{gsi}, "
                     "forwarded as a vLPI (GICv4 direct injection)")
         if self.posted:
+            moved = (" (moved: vCPU " + " -> ".join(map(str, self.vcpus)) + ")"
+                     if len(set(self.vcpus)) > 1 else "")
             return (f"host irq {self.host_irq}, {token}: connected to KVM irqfd{gsi}, "
-                    f"posted to vCPU {self.vcpu} vector {self.guest_vector:#x}"
+                    f"posted to vCPU {self.vcpu} vector {self.guest_vector:#x}{moved}"
                     if self.guest_vector is not None else "posted")
         if self.forwarding_calls:
             return (f"host irq {self.host_irq}, {token}: connected to KVM irqfd{gsi}, not "
@@ -287,7 +326,8 @@ class VectorWiring:
                 "connected": self.connected, "gsi": self.gsi, "posted": self.posted,
                 "vcpu": self.vcpu, "guest_vector": self.guest_vector,
                 "vlpi_mapped": self.vlpi_mapped, "forwarding_calls": self.forwarding_calls,
-                "task": self.task,
+                "task": self.task, "resample": self.resample, "vcpus": list(self.vcpus),
+                "before_trace": self.before_trace,
                 "state": self.state.to_dict() if self.state is not None else None,
                 "summary": self.describe()}
 
@@ -308,6 +348,9 @@ class BypassTracker:
         self.connect_probes = connect_probes
         self._calls: dict[int, list[_Call]] = {}
         self._pending_irqfd: dict[int, tuple[int, int]] = {}  # pid -> (fd, gsi)
+        # KVM irqfds with a resample fd now assigned (INTx through KVM): (fd, gsi) -> task
+        self.resample_irqfds: dict[tuple[int, int], int] = {}
+        self.posted_vcpus: dict[int, list[int]] = {}  # host irq -> vCPUs its IRTE pointed at
         # Producers the model disconnected in an unregister on this task: the kernel's
         # del_producer record for them comes next, nested in the same call.
         self._disconnecting: dict[int, set[int]] = {}
@@ -345,8 +388,13 @@ class BypassTracker:
 
     def _on_kvm_irqfd(self, r: TraceRecord) -> None:
         flags = r.int("flags") or 0
-        if not flags & 1:  # KVM_IRQFD_FLAG_DEASSIGN clear: an assignment
-            self._pending_irqfd[r.pid] = (r.int("fd") or -1, r.int("gsi") or 0)
+        fd, gsi = r.int("fd") or -1, r.int("gsi") or 0
+        if flags & 1:  # KVM_IRQFD_FLAG_DEASSIGN
+            self.resample_irqfds.pop((fd, gsi), None)
+            return
+        self._pending_irqfd[r.pid] = (fd, gsi)
+        if flags & 2:  # KVM_IRQFD_FLAG_RESAMPLE: a level line (INTx) with its EOI eventfd
+            self.resample_irqfds[(fd, gsi)] = r.pid
 
     def _on_connect(self, r: TraceRecord) -> None:
         ctoken, ptoken = r.int("ctoken"), r.int("ptoken")
@@ -492,9 +540,16 @@ class BypassTracker:
             if found is None:
                 return
             irq = found
-        self.posted[irq] = PostedState(irq, match.group("state").startswith("enabled"),
-                                       int(match.group("vcpu")), int(match.group("gsi"), 16),
-                                       int(match.group("gvec"), 16), r.timestamp)
+        state = PostedState(irq, match.group("state").startswith("enabled"),
+                            int(match.group("vcpu")), int(match.group("gsi"), 16),
+                            int(match.group("gvec"), 16), r.timestamp)
+        self.posted[irq] = state
+        # KVM updates a posted IRTE again when the guest moves the vector to another vCPU
+        # (a new affinity): the history is the re-routing the trace saw.
+        if state.enabled:
+            self.posted_vcpus.setdefault(irq, []).append(state.vcpu)
+        else:
+            self.posted_vcpus.pop(irq, None)
 
     # --- arm64: GICv4 forwarding (vLPI mappings) ---------------------------------------------
 
@@ -598,13 +653,27 @@ class BypassTracker:
         return next((p for p in self.producers.values() if p.irq == irq and p.token is not None),
                     None)
 
-    def wiring(self, interrupts: InterruptSnapshot) -> list[VectorWiring]:
-        """One answer per vfio vector line of the host's /proc/interrupts."""
+    def wiring(self, interrupts: InterruptSnapshot,
+               before_trace: frozenset[str] = frozenset()) -> list[VectorWiring]:
+        """One answer per vfio line (MSI/MSI-X vector or INTx) of the host's /proc/interrupts.
+        ``before_trace`` holds the labels of vfio lines that existed when the trace started
+        (a live trace): a producer registered then was not seen, so its pairing is unknown."""
         answers = []
         for line in interrupts.lines:
             if line.vector is None or not any(a.startswith("vfio-") for a in line.actions):
                 continue
             irq = int(line.label)
+            if line.vector.kind == "intx":
+                # Which resample irqfd serves which line is not in the records (the GSI is
+                # the guest's): any one assigned now means KVM handles INTx.
+                resample = next(iter(self.resample_irqfds.items()), None)
+                answers.append(VectorWiring(
+                    bdf=line.vector.bdf, entry=0, kind="intx", host_irq=irq, token=None,
+                    producer=False, consumer=False, connected=False,
+                    gsi=resample[0][1] if resample else None, posted=False, vcpu=None,
+                    guest_vector=None, task=resample[1] if resample else None,
+                    resample=resample is not None))
+                continue
             producer = self.producer_for_irq(irq)
             token = producer.token if producer else None
             consumer = self.manager.consumer_for(token) if token is not None else None
@@ -623,7 +692,9 @@ class BypassTracker:
                 vcpu=pi.vcpu if irte_posted and pi else None,
                 guest_vector=pi.guest_vector if irte_posted and pi else None,
                 vlpi_mapped=vlpi_mapped, forwarding_calls=self.forwarding_calls.get(irq, 0),
-                task=vlpi.pid if vlpi_mapped and vlpi else producer.pid if producer else None))
+                task=vlpi.pid if vlpi_mapped and vlpi else producer.pid if producer else None,
+                vcpus=tuple(self.posted_vcpus.get(irq, ())) if irte_posted else (),
+                before_trace=producer is None and line.label in before_trace))
         return answers
 
     def summary(self) -> dict[str, Any]:

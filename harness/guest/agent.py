@@ -30,6 +30,19 @@ class PciFunction:
     device: str
     driver: str
     msi_irqs: tuple[tuple[str, str], ...]  # (IRQ number, "msi" | "msix")
+    irq: int = 0  # sysfs irq: its INTx line when it uses no MSI/MSI-X (0: none, or old agent)
+
+    def msi_kind(self, irq: str) -> str | None:
+        """"msi" or "msix" for one of the function's MSI IRQs, None if it is not one."""
+        return next((kind for number, kind in self.msi_irqs if number == irq), None)
+
+    @property
+    def intx_irq(self) -> str | None:
+        """The IRQ number of the function's INTx line while it uses no MSI or MSI-X: the
+        kernel shows the first MSI IRQ in sysfs irq while MSI is on, so that one is not it."""
+        if self.irq <= 0 or self.msi_irqs:
+            return None
+        return str(self.irq)
 
 
 @dataclass(frozen=True)
@@ -43,6 +56,23 @@ class GuestSnapshot:
 
     def device(self, bdf: str) -> PciFunction | None:
         return next((d for d in self.devices if d.bdf == bdf), None)
+
+
+def functions_from_json(items: Any) -> tuple[PciFunction, ...]:
+    """The agent's ``devices`` list (also what a run folder keeps as ``<vm>.<label>.devices``)
+    as PciFunctions; raises KeyError/TypeError/ValueError/AttributeError on a malformed one."""
+    return tuple(
+        PciFunction(str(d["bdf"]), str(d["vendor"]), str(d["device"]), str(d["driver"]),
+                    tuple(sorted((str(k), str(v)) for k, v in d["msi_irqs"].items())),
+                    int(d.get("irq", 0)))
+        for d in items)
+
+
+def functions_to_json(devices: tuple[PciFunction, ...]) -> str:
+    """The inverse of :func:`functions_from_json`, for the run folder."""
+    return json.dumps([{"bdf": d.bdf, "vendor": d.vendor, "device": d.device,
+                        "driver": d.driver, "irq": d.irq, "msi_irqs": dict(d.msi_irqs)}
+                       for d in devices], indent=1) + "\n"
 
 
 class GuestAgent:
@@ -81,11 +111,7 @@ class GuestAgent:
         taken = time.monotonic()
         try:
             raw = str(data["interrupts"])
-            devices = tuple(
-                PciFunction(str(d["bdf"]), str(d["vendor"]), str(d["device"]),
-                            str(d["driver"]),
-                            tuple(sorted((str(k), str(v)) for k, v in d["msi_irqs"].items())))
-                for d in data["devices"])
+            devices = functions_from_json(data["devices"])
             return GuestSnapshot(taken, float(data["uptime"]), str(data["kernel"]),
                                  parse_proc_interrupts(raw, source=f"{self._ssh.name}:guest"),
                                  devices, raw)

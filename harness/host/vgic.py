@@ -262,6 +262,8 @@ class VgicAgreement:
     joined_by: str  # how the vector's task was joined to this VM
     forwarding_probes: bool = True  # False: the GICv4 probes were skipped on this host
 
+    source = "vgic-state"
+
     @property
     def agrees(self) -> bool:
         return self.hw_lpis == len(self.traced_vlpis)
@@ -290,7 +292,8 @@ class VgicAgreement:
     def to_dict(self) -> dict[str, Any]:
         return {"vm_pid": self.vm_pid, "sources": list(self.sources), "lpis": self.lpis,
                 "hw_lpis": self.hw_lpis, "traced_vlpis": list(self.traced_vlpis),
-                "joined_by": self.joined_by, "agrees": self.agrees, "summary": self.summary}
+                "joined_by": self.joined_by, "agrees": self.agrees, "summary": self.summary,
+                "source": self.source}
 
 
 def agreement(vm_pid: int, vms: Sequence[VmVgic], traced_vlpis: Sequence[int],

@@ -19,6 +19,7 @@ from harness.bypass.tracker import BypassTracker, VlpiState
 from harness.config.model import DeliveryPath
 from harness.host.tracefs import KprobeSession, parse_trace
 from harness.host.vgic import (
+    VgicAgreement,
     VgicStateParseError,
     VmVgic,
     agreement,
@@ -232,7 +233,8 @@ def test_join_by_the_forwarding_tasks_process() -> None:
                              {306: 301}.get)
     assert joined.anomalies == () and joined.notes == ()
     for w in joined.wiring:
-        assert w.state is not None and w.state.agrees and w.state.vm_pid == 301
+        assert isinstance(w.state, VgicAgreement)
+        assert w.state.agrees and w.state.vm_pid == 301
         assert w.state.joined_by == "task 306 belongs to process 301"
 
 
@@ -241,7 +243,9 @@ def test_join_falls_back_to_the_only_vm_when_the_task_is_gone() -> None:
     wiring = tracker.wiring(samples("default")[-1][1])
     joined = join_vgic_state(wiring, tracker.vlpi, [vm(301, 11, DEFAULT)], lambda tid: None)
     assert all(w.state is not None and w.state.agrees for w in joined.wiring)
-    assert "the only VM with a vgic-state" in (joined.wiring[0].state or pytest.fail()).joined_by
+    state = joined.wiring[0].state
+    assert isinstance(state, VgicAgreement)
+    assert "the only VM with a vgic-state" in state.joined_by
     # With two VMs and no process for the task there is no guessing.
     two = join_vgic_state(wiring, tracker.vlpi, [vm(301, 11, DEFAULT), vm(455, 9, NO_HW)],
                           lambda tid: None)
@@ -286,7 +290,8 @@ def test_vlpis_unmapped_in_the_trace_are_not_counted() -> None:
     wiring = tracker.wiring(samples("default")[-1][1])
     joined = join_vgic_state(wiring, vlpis, [vm(301, 11, DEFAULT)], {306: 301, 98: 2}.get)
     state = joined.wiring[0].state
-    assert state is not None and state.traced_vlpis == (26,) and not state.agrees
+    assert isinstance(state, VgicAgreement)
+    assert state.traced_vlpis == (26,) and not state.agrees
 
 
 # --- HostEvidence.measure, end to end ----------------------------------------------------------
