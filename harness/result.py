@@ -6,6 +6,7 @@ that makes them.
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -96,6 +97,9 @@ class RunResult:
     error: HarnessError | None = None
     console_tails: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
     host: HostFindings = HostFindings()
+    # Names this run in every report written of it (JSON, JUnit), so a merge that is given the
+    # same report twice counts it once.  ``dataclasses.replace`` keeps it.
+    run_id: str = field(default_factory=lambda: uuid.uuid4().hex)
 
     @property
     def passed(self) -> bool:
