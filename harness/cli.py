@@ -26,6 +26,10 @@ from typing import TYPE_CHECKING, Any
 from harness import manual_cli
 from harness.errors import HarnessError, Interrupted, OutputError, UsageError
 from harness.platform import Arch
+from harness.report.command import ReportRequest
+from harness.report.command import add_parsers as add_report_parsers
+from harness.report.command import handle as handle_report
+from harness.report.command import request as report_request
 
 if TYPE_CHECKING:
     from harness.config.model import Scenario
@@ -88,13 +92,6 @@ class RestoreRequest:
 
 
 @dataclass(frozen=True)
-class MergeRequest:
-    paths: tuple[Path, ...]
-    json_out: Path | None
-    junit_out: Path | None
-
-
-@dataclass(frozen=True)
 class LabRunRequest:
     scenario: Path
     out: Path | None
@@ -116,7 +113,7 @@ class TraceRequest:
 
 Request = (RunRequest | ValidateRequest | SchemaRequest | IrqDiffRequest | ImageBuildRequest
            | BenchRequest | TraceRequest | LabRunRequest | LabShellRequest | PreflightRequest
-           | RestoreRequest | MergeRequest)
+           | RestoreRequest | ReportRequest)
 
 
 def _progress(message: str) -> None:
@@ -434,25 +431,12 @@ def handle_restore(req: RestoreRequest) -> int:
     return 0 if all(r.ok for r in results) else 3
 
 
-def handle_merge(req: MergeRequest) -> int:
-    """Exit 0 when every merged run passed, 1 otherwise."""
-    from harness.report.merge import format_merged, load_runs, merge, merged_junit
-
-    merged = merge(load_runs(req.paths))
-    print(format_merged(merged))
-    if req.json_out is not None:
-        req.json_out.write_text(json.dumps(merged, indent=2) + "\n")
-    if req.junit_out is not None:
-        merged_junit(merged).write(req.junit_out, encoding="utf-8", xml_declaration=True)
-    return 0 if merged["passed"] else 1
-
-
 HANDLERS: dict[type, Callable[..., int]] = {
     RunRequest: handle_run, ValidateRequest: handle_validate, SchemaRequest: handle_schema,
     IrqDiffRequest: handle_irq_diff, ImageBuildRequest: handle_image_build,
     BenchRequest: handle_bench, TraceRequest: handle_trace, LabRunRequest: handle_lab_run,
     LabShellRequest: handle_lab_shell, PreflightRequest: handle_preflight,
-    RestoreRequest: handle_restore, MergeRequest: handle_merge,
+    RestoreRequest: handle_restore, ReportRequest: handle_report,
 }
 
 
@@ -554,13 +538,7 @@ def parse_args(argv: Sequence[str]) -> tuple[Request | manual_cli.Request, bool]
     p.add_argument("--force", action="store_true",
                    help="also restore devices whose owning harness still runs")
 
-    report = sub.add_parser("report", help="reports")
-    report_sub = report.add_subparsers(dest="report_command", required=True,
-                                       parser_class=_Parser)
-    p = report_sub.add_parser("merge", help="merge run reports of many hosts into one")
-    p.add_argument("paths", type=Path, nargs="+", help="report.json files or folders of them")
-    p.add_argument("--json", type=Path, dest="json_out", help="write the merged JSON here")
-    p.add_argument("--junit", type=Path, dest="junit_out", help="write merged JUnit XML here")
+    add_report_parsers(sub, _Parser)  # merge, page, diff, store: harness/report/command.py
 
     lab = sub.add_parser("lab", help="the virtual lab: VFIO assignment with no hardware")
     lab_sub = lab.add_subparsers(dest="lab_command", required=True, parser_class=_Parser)
@@ -593,7 +571,7 @@ def parse_args(argv: Sequence[str]) -> tuple[Request | manual_cli.Request, bool]
     elif ns.command == "image":
         request = ImageBuildRequest(ns.recipe, ns.arch, ns.refresh)
     elif ns.command == "report":
-        request = MergeRequest(tuple(ns.paths), ns.json_out, ns.junit_out)
+        request = report_request(ns)
     elif ns.command == "preflight":
         request = PreflightRequest(tuple(ns.device), ns.as_json, ns.root, ns.record)
     elif ns.command == "restore":
