@@ -8,6 +8,7 @@ QEMU failed, 130 interrupted.  Errors are one line on stderr, never a traceback.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import json
 import logging
@@ -329,11 +330,13 @@ def handle_lab_run(req: LabRunRequest) -> int:
     # One L1 boot per run of consecutive scenarios that want the same L1.
     boots: list[LabBoot] = []
     for scenario in scenarios:
-        if boots and boots[-1].append == scenario.lab.append:
-            boots[-1] = LabBoot((*boots[-1].args, "--only", scenario.name), boots[-1].append)
+        wanted = scenario.lab
+        if boots and (boots[-1].append, boots[-1].device) == (wanted.append, wanted.device):
+            boots[-1] = dataclasses.replace(boots[-1], args=(*boots[-1].args, "--only",
+                                                             scenario.name))
         else:
             boots.append(LabBoot(("run", scenario_file, "--out", "/lab", "--only",
-                                  scenario.name), scenario.lab.append))
+                                  scenario.name), wanted.append, device=wanted.device))
     lab = run_in_lab(platform, boots, run_dir, _progress)
     for folder in lab.inner_runs:
         print((folder / "summary.txt").read_text() if (folder / "summary.txt").exists()

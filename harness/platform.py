@@ -124,7 +124,8 @@ class LabHost:
     machine_options: Mapping[str, str]
     pre_devices: tuple[str, ...]  # -device values that must come before any PCI device
     append: str  # kernel arguments that switch on the IOMMU / KVM features
-    device_options: Mapping[str, str]  # for the assigned NIC: its DMA and MSIs via the IOMMU
+    device_options: Mapping[str, str]  # for the assigned device, whatever its kind
+    virtio_options: Mapping[str, str]  # and if it is virtio: its DMA and MSIs via the IOMMU
     what: str  # one line for progress output
     recipe: str  # the image recipe of L1's kernel and initramfs
     # L1's user space: None for the outer machine's own root (same architecture only), else
@@ -198,7 +199,8 @@ X86_64 = Platform(
         # intel-iommu needs the split irqchip for interrupt remapping.
         cpu="qemu64,+svm,+npt", machine_options=_frozen(**{"kernel-irqchip": "split"}),
         pre_devices=("intel-iommu,intremap=on,device-iotlb=on",), append="intel_iommu=on",
-        device_options=_frozen(iommu_platform="on", ats="on", romfile=""),
+        device_options=_frozen(romfile=""),
+        virtio_options=_frozen(iommu_platform="on", ats="on", **{"disable-legacy": "on"}),
         what="TCG, SVM, VT-d with IRQ remapping", recipe="lab-host"),
 )
 
@@ -224,7 +226,8 @@ ARM64 = Platform(
         machine_options=_frozen(**{"gic-version": "4", "its": "on", "virtualization": "on",
                                    "iommu": "smmuv3"}),
         pre_devices=(), append="kvm-arm.vgic_v4_enable=1",
-        device_options=_frozen(iommu_platform="on", romfile=""),
+        device_options=_frozen(romfile=""),
+        virtio_options=_frozen(iommu_platform="on", **{"disable-legacy": "on"}),
         what="TCG at EL2, GICv4, SMMUv3", recipe="lab-host-arm64",
         userland="lab-host-arm64"),
     # No firmware loads option ROMs on this machine: do not ask QEMU to find one.

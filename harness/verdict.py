@@ -158,11 +158,30 @@ def check(expectation: Expectation, verdicts: Sequence[VectorVerdict]) -> Expect
         elif v.path != expectation.path:
             shown = v.path.value if v.path else "no path"
             problems.append(f"{v.name}: {shown} ({v.reason})")
+        if expectation.cpu is not None and v.guest_delta > 0:
+            problems += _off_cpu(v, expectation.cpu, expectation.cpu_share)
+    on_cpu = (f" on CPU{expectation.cpu}" if expectation.cpu is not None else "")
     if problems:
-        return ExpectationResult(expectation, False, f"{what}: " + "; ".join(problems),
+        return ExpectationResult(expectation, False, f"{what}{on_cpu}: " + "; ".join(problems),
                                  tuple(chosen))
-    return ExpectationResult(expectation, True, f"{what}: {len(chosen)} vector(s), "
+    return ExpectationResult(expectation, True, f"{what}{on_cpu}: {len(chosen)} vector(s), "
                              f"{total} interrupts", tuple(chosen))
+
+
+def per_cpu_text(counts: Sequence[int]) -> str:
+    """Per-CPU counts, compact: "0/5/95/0" (CPU0 first)."""
+    return "/".join(map(str, counts))
+
+
+def _off_cpu(v: VectorVerdict, cpu: int, share: float) -> list[str]:
+    if cpu >= len(v.per_cpu):
+        return [f"{v.name}: the guest has no CPU{cpu} (it counts {len(v.per_cpu)} CPUs)"]
+    there = v.per_cpu[cpu]
+    if there >= share * v.guest_delta:
+        return []
+    busiest = max(range(len(v.per_cpu)), key=lambda i: v.per_cpu[i])
+    return [f"{v.name}: {there} of {v.guest_delta} interrupts on CPU{cpu}, most on "
+            f"CPU{busiest} (per CPU {per_cpu_text(v.per_cpu)})"]
 
 
 def check_released(result: ExpectationResult, bdf: str | None,

@@ -169,7 +169,11 @@ class VfioPci(_Kind):
     addr: int | None = _addr_field("PCI slot on the guest's root bus")
     no_kvm_msix: bool = field(default=False, metadata=doc(
         "x-no-kvm-msix=on: QEMU handles MSI-X in user space (no KVM irqfd)"))
-    no_kvm_msi: bool = field(default=False, metadata=doc("x-no-kvm-msi=on"))
+    no_kvm_msi: bool = field(default=False, metadata=doc(
+        "x-no-kvm-msi=on: QEMU handles plain MSI in user space (no KVM irqfd)"))
+    no_kvm_intx: bool = field(default=False, metadata=doc(
+        "x-no-kvm-intx=on: QEMU handles the INTx line and its EOI in user space (no KVM "
+        "irqfd with a resample fd)"))
 
     emulated: ClassVar[bool] = False
 
@@ -181,7 +185,8 @@ class VfioPci(_Kind):
         return ["-device", qemu_options("vfio-pci", {
             "host": self.host, "id": self.id, "addr": placed.addr,
             "x-no-kvm-msix": True if self.no_kvm_msix else None,
-            "x-no-kvm-msi": True if self.no_kvm_msi else None})]
+            "x-no-kvm-msi": True if self.no_kvm_msi else None,
+            "x-no-kvm-intx": True if self.no_kvm_intx else None})]
 
 
 Device = VirtioNet | E1000e | VirtioBlk | VfioPci

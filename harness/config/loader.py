@@ -844,6 +844,9 @@ class _Checker:
                        for w in workloads):
                 raise self.error(f"{path}.released", f"VM {vm.name!r} has no workload with "
                                  "stage: release to take the device's vectors away")
+        if expectation.cpu is not None and expectation.cpu >= vm.cpus:
+            raise self.error(f"{path}.cpu", f"VM {vm.name!r} has {vm.cpus} CPU(s): "
+                             f"CPU{expectation.cpu} is not one of them (they count from 0)")
         for k, vector in enumerate(expectation.vectors):
             self.check_vector(vector, f"{path}.vectors[{k}]")
 

@@ -19,8 +19,8 @@ from harness.config.fields import doc
 from harness.platform import Accel, Arch
 
 __all__ = ["RECIPE_NAME", "VM", "Accel", "Arch", "BuiltinImage", "CloudImage", "DeliveryPath",
-           "Device", "E1000e", "Expectation", "Image", "KernelImage", "LabSettings", "Scenario",
-           "Stage", "Timeouts", "VfioPci", "VirtioBlk", "VirtioNet", "Workload", "doc",
+           "Device", "E1000e", "Expectation", "Image", "KernelImage", "LabDevice", "LabSettings",
+           "Scenario", "Stage", "Timeouts", "VfioPci", "VirtioBlk", "VirtioNet", "Workload", "doc",
            "entry_number"]
 
 # A folder of guest-images/, never a path: no separator and no "..", so a scenario names one
@@ -167,6 +167,15 @@ class Expectation:
     min_delta: int = field(default=1, metadata=doc(
         "each named vector must deliver at least this many interrupts; with no vectors "
         "named, the device's vectors together", minimum=0, maximum=10**12))
+    cpu: int | None = field(default=None, metadata=doc(
+        "guest CPU that must take the selected vectors' interrupts (at least "
+        "cpu_share of each vector's count, the per-CPU counts of the window), e.g. after a "
+        "setup workload pinned them with harness-agent pin PATTERN CPU", minimum=0,
+        maximum=4095))
+    cpu_share: float = field(default=0.9, metadata=doc(
+        "with cpu: the least share of each vector's interrupts on that CPU (interrupts "
+        "already in flight when the affinity changed land on the old one)", minimum=0,
+        maximum=1))
     released: bool = field(default=False, metadata=doc(
         "an assigned device whose vectors the release-stage workloads take away: after them, "
         "none may be left forwarded to a vCPU (every posting mapping the trace saw undone, "
@@ -182,6 +191,27 @@ class Timeouts:
 
 
 @dataclass(frozen=True)
+class LabDevice:
+    """The emulated device L1 has at 0000:00:05.0 for its guests to assign, behind its IOMMU."""
+
+    kind: Literal["virtio-net", "e1000e", "virtio-blk"] = field(
+        default="virtio-net", metadata=doc(
+        "virtio-net (MSI-X: config, one vector per queue), e1000e (MSI-X, MSI or INTx, as the "
+        "L2 driver chooses: e1000e.IntMode=0/1/2 on L2's command line) or virtio-blk (MSI-X, "
+        "one request queue per queues; L1 gives it a 16 MiB scratch disk)"))
+    vectors: int | None = field(default=None, metadata=doc(
+        "virtio: the MSI-X table size (vectors=); fewer than the queues need makes the "
+        "driver share one vector among the queues", minimum=1, maximum=64))
+    queues: int | None = field(default=None, metadata=doc(
+        "virtio-blk: request queues (num-queues=); L2 uses as many as it has vCPUs",
+        minimum=1, maximum=16))
+
+
+#: The lab's usual device: a virtio-net NIC.
+DEFAULT_LAB_DEVICE = LabDevice()
+
+
+@dataclass(frozen=True)
 class LabSettings:
     """How ``harness lab run`` boots the emulated host (L1) for this scenario."""
 
@@ -189,6 +219,8 @@ class LabSettings:
         "extra kernel arguments for L1, after the lab's own (the last of a kind wins: "
         "kvm-arm.vgic_v4_enable=0 turns GICv4 off in L1's KVM); scenarios of a file that "
         "differ here get an L1 boot each", maxLength=APPEND_MAX))
+    device: LabDevice = field(default=DEFAULT_LAB_DEVICE, metadata=doc(
+        "the emulated device L1 offers its guests for assignment (0000:00:05.0)"))
 
 
 @dataclass(frozen=True)

@@ -21,6 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from harness.config.model import DEFAULT_LAB_DEVICE, LabDevice
 from harness.errors import GuestError, HarnessError, LaunchError
 from harness.images.builder import GuestImage, cache_root, ensure_image, repo_root
 from harness.images.userland import ensure_userland
@@ -59,7 +60,8 @@ class LabSetup:
 
 
 def l1_argv(setup: LabSetup, share: Path, append: str = "",
-            memory_mib: int = L1_MEMORY_MIB, cpus: int = L1_CPUS) -> list[str]:
+            memory_mib: int = L1_MEMORY_MIB, cpus: int = L1_CPUS,
+            device: LabDevice = DEFAULT_LAB_DEVICE) -> list[str]:
     """L0's command line for L1 without its console/QMP channels (the caller adds those):
     L1's root read-only at ``hostroot``, the run folder at ``lab``, and the folders L1 mounts
     at their outer paths (named on the kernel command line for L1's init)."""
@@ -71,7 +73,7 @@ def l1_argv(setup: LabSetup, share: Path, append: str = "",
         words.append(f"harness.share=outer{i}:{path}")
     extra = " ".join([*words, append]).strip()
     return lab_host_argv(setup.platform, setup.image.kernel, setup.image.initrd, shares,
-                         LAB_DEVICE_SLOT, memory_mib, cpus, extra)
+                         LAB_DEVICE_SLOT, memory_mib, cpus, extra, device)
 
 
 _JOB_HEAD = """#!/bin/sh
@@ -151,6 +153,7 @@ class LabBoot:
     args: tuple[str, ...]  # harness arguments, after ``python -m harness.cli``
     append: str = ""  # extra kernel arguments for L1
     harness: bool = True  # False: ``args`` is a whole command of its own
+    device: LabDevice = DEFAULT_LAB_DEVICE  # what L1 offers for assignment at LAB_DEVICE_BDF
 
 
 def run_in_lab(platform: Platform, boots: list[LabBoot], run_dir: Path, progress: Progress,
@@ -171,8 +174,10 @@ def run_in_lab(platform: Platform, boots: list[LabBoot], run_dir: Path, progress
         (run_dir / "job.sh").write_text(run_job(argv))
         (run_dir / "exit-status").unlink(missing_ok=True)
 
-        def argv_for(qmp_fd: int, console_fd: int, append: str = boot.append) -> list[str]:
-            return l1_argv(setup, share, append) + channel_args(qmp_fd, console_fd)
+        def argv_for(qmp_fd: int, console_fd: int, append: str = boot.append,
+                     device: LabDevice = boot.device) -> list[str]:
+            return (l1_argv(setup, share, append, device=device)
+                    + channel_args(qmp_fd, console_fd))
 
         for attempt in range(1, LOCKUP_ATTEMPTS + 1):
             name = ("lab-l1" if n == 1 else f"lab-l1-{n}") + (
@@ -180,7 +185,9 @@ def run_in_lab(platform: Platform, boots: list[LabBoot], run_dir: Path, progress
             before = set(run_dir.glob("*/report.json"))
             try:
                 with Machine(name, argv_for, run_dir) as machine:
-                    what = platform.lab.what + (f"; {boot.append}" if boot.append else "")
+                    what = platform.lab.what + (f"; {boot.append}" if boot.append else "") + (
+                        f"; {boot.device.kind} at {LAB_DEVICE_BDF}"
+                        if boot.device != DEFAULT_LAB_DEVICE else "")
                     progress(f"lab: booting the emulated host (L1{suffix}: {what})")
                     launched = time.monotonic()
                     machine.launch()

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from harness.config.devices import DEFAULT_NETWORK, Device
-from harness.config.model import VM
+from harness.config.model import DEFAULT_LAB_DEVICE, VM, LabDevice
 from harness.errors import UsageError
 from harness.platform import Platform
 from harness.qemu_options import qemu_options
@@ -202,18 +202,20 @@ class LabShare:
 
 
 def lab_host_argv(platform: Platform, kernel: Path, initrd: Path, shares: Sequence[LabShare],
-                  device_slot: int, memory_mib: int, cpus: int, append: str = "") -> list[str]:
+                  device_slot: int, memory_mib: int, cpus: int, append: str = "",
+                  device: LabDevice = DEFAULT_LAB_DEVICE) -> list[str]:
     """L0's command line for L1 without its console/QMP channels (the caller adds those).
 
     The vCPU, machine options and IOMMU come from the platform's :class:`LabHost`; the
-    assigned NIC's DMA and MSIs go through the emulated IOMMU.
+    device L1 assigns to its guests (``device``: a NIC on L0's user-mode network, or a disk
+    that reads zeroes) has its DMA and MSIs go through the emulated IOMMU.
     """
     lab = platform.lab
     argv = [platform.qemu, "-name", "lab-l1",
             *_machine(platform, None, "tcg", cpu=lab.cpu, options=lab.machine_options),
             "-smp", str(cpus), "-m", f"{memory_mib}M", *_quiet()]
-    for device in lab.pre_devices:  # the IOMMU first: devices created before it bypass it
-        argv += ["-device", device]
+    for pre in lab.pre_devices:  # the IOMMU first: devices created before it bypass it
+        argv += ["-device", pre]
     argv += ["-kernel", str(kernel), "-initrd", str(initrd),
              "-append", " ".join(filter(None, [base_append(platform), lab.append, append]))]
     for share in shares:
@@ -222,9 +224,22 @@ def lab_host_argv(platform: Platform, kernel: Path, initrd: Path, shares: Sequen
                      "readonly": True if share.readonly else None, "multidevs": "remap"}),
                  "-device", qemu_options("virtio-9p-pci", {
                      "fsdev": share.tag, "mount_tag": share.tag, "addr": f"0x{share.slot:02x}"})]
-    argv += ["-netdev", "user,id=labnet",
-             "-device", qemu_options("virtio-net-pci", {
-                 "netdev": "labnet", "mac": device_mac("lab", device_slot),
-                 "disable-legacy": "on", **lab.device_options,
-                 "addr": f"0x{device_slot:02x}"})]
-    return argv
+    return argv + _lab_device(platform, device, device_slot)
+
+
+def _lab_device(platform: Platform, device: LabDevice, slot: int) -> list[str]:
+    lab = platform.lab
+    options: dict[str, object] = dict(lab.device_options)
+    if device.kind.startswith("virtio"):
+        options.update(lab.virtio_options)
+        options["vectors"] = device.vectors
+    options["addr"] = f"0x{slot:02x}"
+    if device.kind == "virtio-blk":
+        # No file behind it: the null driver reads zeroes, so L2's reads cost no host I/O.
+        return ["-blockdev", "driver=null-co,node-name=labdisk,size=16777216,read-zeroes=on",
+                "-device", qemu_options("virtio-blk-pci", {
+                    "drive": "labdisk", "num-queues": device.queues, **options})]
+    nic = {"virtio-net": "virtio-net-pci", "e1000e": "e1000e"}[device.kind]
+    return ["-netdev", "user,id=labnet",
+            "-device", qemu_options(nic, {"netdev": "labnet", "mac": device_mac("lab", slot),
+                                          **options})]

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from harness.config.devices import Device, E1000e, VfioPci, VirtioBlk, VirtioNet
-from harness.config.model import VM, Accel
+from harness.config.model import VM, Accel, LabDevice
 from harness.errors import HarnessError
 from harness.platform import ARM64, PLATFORMS, X86_64, Platform
 from harness.qemu.argv import (
@@ -313,7 +313,26 @@ def test_x86_lab_host_has_svm_vtd_first_and_the_nic_behind_the_iommu() -> None:
             in argv)
     assert "local,id=lab,path=/r,security_model=none,multidevs=remap" in argv
     assert devices[-1] == (f"virtio-net-pci,netdev=labnet,mac={device_mac('lab', 5)},"
-                           "disable-legacy=on,iommu_platform=on,ats=on,romfile=,addr=0x05")
+                           "romfile=,iommu_platform=on,ats=on,disable-legacy=on,addr=0x05")
+
+
+def test_lab_device_kinds_each_sit_behind_the_iommu_with_their_own_options() -> None:
+    def lab_args(device: LabDevice) -> list[str]:
+        argv = lab_host_argv(X86_64, Path("/k"), Path("/i"), [], 5, 2048, 2, device=device)
+        return argv[argv.index("-append") + 2:]  # no shares: only the device follows
+
+    # e1000e is no virtio device: only the options every PCI device takes.
+    assert lab_args(LabDevice(kind="e1000e")) == [
+        "-netdev", "user,id=labnet", "-device",
+        f"e1000e,netdev=labnet,mac={device_mac('lab', 5)},romfile=,addr=0x05"]
+    blk = lab_args(LabDevice(kind="virtio-blk", vectors=3, queues=2))
+    assert blk[-1] == ("virtio-blk-pci,drive=labdisk,num-queues=2,romfile=,iommu_platform=on,"
+                       "ats=on,disable-legacy=on,vectors=3,addr=0x05")
+    argv = lab_host_argv(X86_64, Path("/k"), Path("/i"), [], 5, 2048, 2,
+                         device=LabDevice(kind="virtio-blk"))
+    assert "driver=null-co,node-name=labdisk,size=16777216,read-zeroes=on" in argv
+    net = lab_args(LabDevice(vectors=2))
+    assert net[-1].startswith("virtio-net-pci,") and ",vectors=2," in net[-1]
 
 
 def test_arm64_lab_host_is_virt_at_el2_with_gicv4_and_smmuv3() -> None:
