@@ -74,11 +74,13 @@ def runtime_root() -> Path:
 
 
 def _proc_start(pid: int) -> int | None:
-    """The start time of process ``pid`` (clock ticks after boot), None if it is gone: a
-    process id alone could be a new process's."""
+    """The start time of process ``pid`` (clock ticks after boot), None if it is gone (or a
+    zombie): a process id alone could be a new process's."""
     try:
-        text = Path(f"/proc/{pid}/stat").read_text()
-        return int(text.rsplit(")", 1)[1].split()[19])
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        if fields[0] in ("Z", "X"):  # exited, not yet reaped by its parent: gone
+            return None
+        return int(fields[19])
     except (OSError, IndexError, ValueError):
         return None
 

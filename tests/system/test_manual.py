@@ -1,0 +1,243 @@
+"""Experiments by hand, for real: ``harness up`` in the background, then ``ssh``, ``qmp``,
+``console``, ``irq watch`` and ``down`` from other processes, as a user in another terminal
+would type them; Ctrl-C on ``up`` leaves no QEMU behind."""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import signal
+import stat
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from harness.platform import host_platform
+
+pytestmark = pytest.mark.system
+
+REPO = Path(__file__).resolve().parents[2]
+
+SCENARIO = """\
+name: manual
+vms:
+  - name: guest0
+    memory_mib: 256
+    devices:
+      - {kind: virtio-net, id: net0}
+      - {kind: virtio-blk, id: disk0}
+workloads:
+  - {vm: guest0, stage: setup, run: [touch, /tmp/set-up-by-the-scenario]}
+"""
+
+
+def qemu_pids(parent: int | None = None) -> set[int]:
+    """QEMU processes on the host, or only the children of ``parent``."""
+    pids = set()
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if not (entry / "comm").read_text().startswith("qemu-system"):
+                    continue
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            if parent is None or ppid == parent:
+                pids.add(int(entry.name))
+    return pids
+
+
+@dataclass
+class Up:
+    """A ``harness up`` running in the background, and how to reach it."""
+
+    proc: subprocess.Popen[str]
+    runtime: Path
+    out: Path
+    env: dict[str, str]
+
+    def harness(self, *args: str, timeout: float = 60.0,
+                check: bool = True) -> subprocess.CompletedProcess[str]:
+        done = subprocess.run([sys.executable, "-m", "harness.cli", *args], cwd=REPO,
+                              env=self.env, capture_output=True, text=True, timeout=timeout,
+                              check=False)
+        if check and done.returncode != 0:
+            raise AssertionError(f"harness {' '.join(args)} exited {done.returncode}:\n"
+                                 f"{done.stdout}{done.stderr}")
+        return done
+
+    def session(self) -> dict[str, object]:
+        (folder,) = [p for p in self.runtime.iterdir() if (p / "session.json").exists()]
+        data: dict[str, object] = json.loads((folder / "session.json").read_text())
+        return data
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(str(self.session()["run_dir"]))
+
+
+def start_up(tmp: Path, scenario: str = SCENARIO, timeout: float = 240.0) -> Up:
+    """``harness up`` in the background, returned once it printed how to reach its VMs."""
+    runtime = tmp / "runtime"
+    (tmp / "scenario.yaml").write_text(scenario)
+    env = {**os.environ, "HARNESS_RUNTIME_DIR": str(runtime)}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "harness.cli", "up", str(tmp / "scenario.yaml"),
+         "--out", str(tmp / "runs")], cwd=REPO, env=env, stdout=subprocess.PIPE,
+        stderr=open(tmp / "up.stderr", "w"), text=True)  # noqa: SIM115 - the child's file
+    up = Up(proc, runtime, tmp / "up.stdout", env)
+    assert proc.stdout is not None
+    lines: queue.Queue[str | None] = queue.Queue()
+
+    def read_until_up() -> None:  # the rest is read by stop_up
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            lines.put(line)
+            if line.startswith("run folder "):
+                return
+        lines.put(None)
+
+    threading.Thread(target=read_until_up, daemon=True).start()
+    deadline = time.monotonic() + timeout
+    with open(up.out, "w") as log:
+        while time.monotonic() < deadline:
+            try:
+                line = lines.get(timeout=max(deadline - time.monotonic(), 0.1))
+            except queue.Empty:
+                break
+            if line is None:
+                break
+            log.write(line)
+            if line.startswith("run folder "):
+                return up
+    proc.kill()
+    proc.wait()
+    pytest.fail(f"harness up never said its VMs were up (exit {proc.returncode}):\n"
+                f"{(tmp / 'up.stderr').read_text()[-3000:]}")
+
+
+def stop_up(up: Up, sig: signal.Signals = signal.SIGINT, timeout: float = 120.0) -> str:
+    """Send ``sig`` to the up process (Ctrl-C) and return the rest of its output."""
+    if up.proc.poll() is None:
+        up.proc.send_signal(sig)
+    try:
+        rest, _ = up.proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        up.proc.kill()
+        rest, _ = up.proc.communicate()
+        pytest.fail("harness up did not end after Ctrl-C")
+    return rest
+
+
+@pytest.fixture(scope="module")
+def up(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Up]:
+    running = start_up(tmp_path_factory.mktemp("up"))
+    try:
+        yield running
+    finally:
+        stop_up(running)
+
+
+def test_ssh_runs_a_command_in_the_guest_with_its_exit_status(up: Up) -> None:
+    done = up.harness("ssh", "guest0", "--", "uname", "-m")
+    assert done.stdout.strip() == host_platform().uname
+    # the words after -- reach the guest as they were (quoted for its shell), the exit status
+    # comes back
+    done = up.harness("ssh", up.run_dir.name, "guest0", "--", "sh", "-c", "echo 'a b'; exit 3",
+                      check=False)
+    assert (done.returncode, done.stdout) == (3, "a b\n")
+
+
+def test_the_setup_workload_ran_before_the_vms_were_handed_over(up: Up) -> None:
+    assert up.harness("ssh", "guest0", "--", "test", "-e",
+                      "/tmp/set-up-by-the-scenario", check=False).returncode == 0
+
+
+def test_the_printed_ssh_command_line_works_from_another_terminal(up: Up) -> None:
+    """Plain OpenSSH with the key and known_hosts of the run folder, as ``up`` printed it:
+    the host key is pinned (StrictHostKeyChecking=yes against the guest's own key)."""
+    line = next(ln for ln in up.out.read_text().splitlines() if ln.strip().startswith("ssh -i"))
+    argv = line.split()
+    done = subprocess.run([*argv, "--", "cat", "/proc/sys/kernel/hostname"],
+                          capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 0, done.stderr
+    vm = up.session()["vms"][0]  # type: ignore[index]
+    key, known = Path(vm["ssh"]["key"]), Path(vm["ssh"]["known_hosts"])
+    assert stat.S_IMODE(key.stat().st_mode) == 0o600
+    assert known.read_text().startswith(f"[127.0.0.1]:{vm['ssh']['port']} ssh-")
+    # Another host key for that port is refused (the pinning is real).
+    wrong = up.run_dir / "wrong.known_hosts"
+    wrong.write_text(f"[127.0.0.1]:{vm['ssh']['port']} ssh-ed25519 "
+                     "AAAAC3NzaC1lZDI1NTE5AAAAIPKmnRnRSYmpwWXx4Vu8VJb9FwbK9FPvQS0E47zpV5n2\n")
+    bad = [a.replace(str(known), str(wrong)) for a in argv]
+    done = subprocess.run([*bad, "--", "true"], capture_output=True, text=True, timeout=60,
+                          check=False)
+    assert done.returncode == 255 and "host key" in done.stderr.lower()
+
+
+def test_qmp_answers_query_pci_on_a_private_socket(up: Up) -> None:
+    done = up.harness("qmp", "guest0", "query-pci")
+    buses = json.loads(done.stdout)
+    ids = {d["qdev_id"]: (b["bus"], d["slot"]) for b in buses for d in b["devices"]}
+    assert ids["net0"] == (0, 3) and ids["disk0"] == (0, 4)
+    vm = up.session()["vms"][0]  # type: ignore[index]
+    sock = Path(vm["qmp"])
+    assert stat.S_ISSOCK(sock.stat().st_mode) and stat.S_IMODE(sock.stat().st_mode) == 0o600
+    assert stat.S_IMODE(sock.parent.stat().st_mode) == 0o700
+    # qmp-shell, as qemu.qmp ships it, on the same socket (its input from a pipe here)
+    shell = subprocess.run([sys.executable, "-m", "harness.cli", "qmp", "guest0"], cwd=REPO,
+                           env=up.env, input="query-status\n", capture_output=True, text=True,
+                           timeout=60, check=False)
+    assert '"running": true' in shell.stdout, shell.stdout + shell.stderr
+    # and an HMP command line
+    assert "virtio-net" in up.harness("qmp", "-H", "guest0", "info", "qtree").stdout
+
+
+def test_console_shows_the_serial_log(up: Up) -> None:
+    done = up.harness("console", "guest0", "--no-follow", "-n", "1000")
+    assert "harness-init: ready" in done.stdout
+
+
+def test_bad_targets_are_one_line_exit_2(up: Up) -> None:
+    done = up.harness("ssh", "no-such-vm", "--", "true", check=False)
+    assert done.returncode == 2 and "no-such-vm" in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1
+
+
+def test_down_ends_the_session_with_a_report_and_leaves_nothing(
+        tmp_path: Path) -> None:
+    up = start_up(tmp_path)
+    run_dir = up.run_dir
+    session = up.session()
+    pids = qemu_pids(parent=up.proc.pid)
+    assert pids
+    up.harness("ssh", "guest0", "--", "ping", "-q", "-c", "20", "-i", "0.05", "10.0.2.2")
+    done = up.harness("down", timeout=180)
+    assert "report:" in done.stdout
+    assert up.proc.wait(30) == 0
+    report = json.loads((run_dir / "report.json").read_text())
+    inputs = [v for v in report["vectors"] if v["name"] == "virtio0-input.0"]
+    assert inputs[0]["evidence"]["guest_delta"] >= 20, "the ping by hand was measured"
+    assert not pids & qemu_pids()
+    assert not Path(session["vms"][0]["ssh"]["key"]).exists()  # type: ignore[index]
+    assert not any(up.runtime.iterdir()), "the session folder and its sockets are gone"
+    assert up.harness("ssh", "guest0", "--", "true", check=False).returncode == 2
+
+
+def test_ctrl_c_on_up_reports_and_leaves_no_qemu(tmp_path: Path) -> None:
+    up = start_up(tmp_path)
+    run_dir = up.run_dir
+    pids = qemu_pids(parent=up.proc.pid)
+    assert pids
+    rest = stop_up(up, signal.SIGINT)
+    assert up.proc.returncode == 0, rest
+    assert "report:" in rest and (run_dir / "report.json").exists()
+    assert not pids & qemu_pids(), "QEMU outlived Ctrl-C on harness up"
+    assert not any(up.runtime.iterdir())
