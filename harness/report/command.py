@@ -1,7 +1,8 @@
 """``harness report ...``: merge, page, diff, store.  The parsers and handlers of the report
 commands, kept here so that harness/cli.py only wires them in.
 
-Exit codes: merge and page 0 when every run passed (flaky cells pass), 1 otherwise; diff 1
+Exit codes: merge and page 0 when every run passed (flaky cells pass) and, with
+``--against``, the diff found no regression, 1 otherwise; diff 1
 when a regression is found (a path changed for the worse, a new failure or error, a host
 gone), 0 when the nights are the same or only improved; every command 2 on bad input.
 """
@@ -169,8 +170,10 @@ def handle(req: ReportRequest) -> int:
         return 0
     print(format_merged(merged))
     diff_text = None
+    regressions = 0
     if req.against is not None:
-        _, diff_text = _diff_runs(req.against, runs, req.lab_runner)
+        changes, diff_text = _diff_runs(req.against, runs, req.lab_runner)
+        regressions = sum(c.regression for c in changes)
         print("\n" + diff_text)
     scenarios = merged["scenarios"]
     title = req.title or (scenarios[0] if len(scenarios) == 1 and len(runs) == 1
@@ -183,11 +186,11 @@ def handle(req: ReportRequest) -> int:
         tree.write(tmp, encoding="utf-8", xml_declaration=True)
         tmp.replace(req.junit_out)
     if req.html_out is not None:
-        _write(req.html_out, page.render(merged, title, diff_text))
+        _write(req.html_out, page.render(merged, title, diff_text, regressions))
         print(f"page: {req.html_out}")
     if req.markdown_out is not None:
-        _write(req.markdown_out, markdown.render(merged, title, diff_text))
-    return 0 if merged["passed"] else 1
+        _write(req.markdown_out, markdown.render(merged, title, diff_text, regressions))
+    return 0 if merged["passed"] and not regressions else 1
 
 
 def _diff_runs(old: Path, new_runs: list[Any], lab_runner: str | None) -> tuple[list[Any], str]:

@@ -29,11 +29,14 @@ def _md(text: str) -> str:
     return text.replace("|", "\\|").replace("\n", " ")
 
 
-def render(merged: dict[str, Any], title: str, diff_text: str | None = None) -> str:
+def render(merged: dict[str, Any], title: str, diff_text: str | None = None,
+           regressions: int = 0) -> str:
     ok = merged["passed"]
     flaky = merged.get("flaky", [])
     out = [f"## {title}: {'✅ PASSED' if ok else '❌ FAILED'}"
-           f"{f' ({len(flaky)} flaky)' if flaky else ''}", "",
+           f"{f' ({len(flaky)} flaky)' if flaky else ''}"
+           f"{f', ❌ {regressions} regression(s) since the last night' if regressions else ''}",
+           "",
            f"{len(merged['runs'])} run(s) of {len(merged['scenarios'])} scenario(s) on "
            f"{len(merged['hosts'])} host(s).", ""]
     if diff_text:

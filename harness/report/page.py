@@ -268,11 +268,15 @@ def _run_section(run: dict[str, Any]) -> str:
     return "\n".join(out)
 
 
-def render(merged: dict[str, Any], title: str, diff_text: str | None = None) -> str:
+def render(merged: dict[str, Any], title: str, diff_text: str | None = None,
+           regressions: int = 0) -> str:
     runs = merged["runs"]
     failed = _failures(runs)
     ok = merged["passed"]
-    colour = OUTCOME_COLOURS["pass" if ok else "fail"]
+    colour = OUTCOME_COLOURS["pass" if ok and not regressions else "fail"]
+    flaky = len(merged.get("flaky", []))
+    verdict = ("PASSED" if ok else "FAILED") + (f" ({flaky} flaky)" if flaky else "") + (
+        f", {regressions} regression(s) since the last night" if regressions else "")
     generated = datetime.now(UTC).isoformat(timespec="seconds")
     legend = " ".join(chip(p, p) for p in PATH_COLOURS)
     parts = [
@@ -280,9 +284,7 @@ def render(merged: dict[str, Any], title: str, diff_text: str | None = None) -> 
         '<meta name="viewport" content="width=device-width, initial-scale=1">',
         f"<title>{esc(title)}</title><style>{_CSS}</style><script>{_SCRIPT}</script>",
         f'</head><body><header style="background:{colour}"><h1 id="verdict">{esc(title)}: '
-        f"{'PASSED' if ok else 'FAILED'}"
-        f"{' (' + str(len(merged.get('flaky', []))) + ' flaky)' if merged.get('flaky') else ''}"
-        "</h1><div>{len(runs)} run(s) of "
+        f"{verdict}</h1><div>{len(runs)} run(s) of "
         f"{len(merged['scenarios'])} scenario(s) on {len(merged['hosts'])} host(s); "
         f"generated {esc(generated)}</div></header><main>",
     ]
