@@ -13,7 +13,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-import junitparser  # type: ignore[import-untyped]
+import junitparser
 import pytest
 
 from harness.report import junit
@@ -30,6 +30,10 @@ def parsed(report: dict[str, Any], tmp_path: Path, **kw: Any) -> junitparser.Tes
     tree.write(path, encoding="utf-8", xml_declaration=True)
     xml = junitparser.JUnitXml.fromfile(str(path))
     return xml if isinstance(xml, junitparser.TestSuite) else next(iter(xml))
+
+
+def properties(suite: junitparser.TestSuite) -> dict[str, str]:
+    return {p.name: p.value for p in suite.properties()}  # type: ignore[no-untyped-call]
 
 
 def load(name: str) -> dict[str, Any]:
@@ -85,8 +89,7 @@ def test_suite_has_hostname_timestamp_and_every_case_a_time(tmp_path: Path) -> N
     expect_times = [c.time for c in cases if c.classname.endswith(".expect")]
     verdict = next(p["seconds"] for p in report["phases"] if p["name"] == "verdict")
     assert sum(expect_times) == pytest.approx(verdict, abs=0.01)
-    props = {p.name: p.value for p in suite.properties()}
-    assert props["run_id"] == report["run_id"]
+    assert properties(suite)["run_id"] == report["run_id"]
 
 
 def test_two_expectations_on_one_device_get_distinct_stable_names(tmp_path: Path) -> None:
@@ -117,7 +120,7 @@ def test_a_lab_run_credited_to_its_runner(tmp_path: Path) -> None:
     report = json.loads((DATA / "lab-arm64" / "posted" / "report.json").read_text())
     suite = parsed(report, tmp_path, runner="ci-arm-7", lab="lab-l1")
     assert suite.hostname == "ci-arm-7"
-    props = {p.name: p.value for p in suite.properties()}
+    props = properties(suite)
     assert "virtual lab" in props["lab"] and "lab-l1" in props["lab"]
 
 
@@ -131,7 +134,6 @@ def test_the_run_writes_the_same_run_id_into_json_and_junit(tmp_path: Path) -> N
     other = RunResult(scenario, "configs/smoke.yaml", tmp_path, 1_700_000_000.0)
     assert result.run_id != other.run_id
     junit.write_junit(result, tmp_path / "junit.xml")
-    suite = junitparser.JUnitXml.fromfile(str(tmp_path / "junit.xml"))
-    suite = suite if isinstance(suite, junitparser.TestSuite) else next(iter(suite))
-    props = {p.name: p.value for p in suite.properties()}
-    assert props["run_id"] == to_dict(result)["run_id"] == result.run_id
+    xml = junitparser.JUnitXml.fromfile(str(tmp_path / "junit.xml"))
+    suite = xml if isinstance(xml, junitparser.TestSuite) else next(iter(xml))
+    assert properties(suite)["run_id"] == to_dict(result)["run_id"] == result.run_id

@@ -6,7 +6,7 @@ import json
 import shutil
 from pathlib import Path
 
-import junitparser  # type: ignore[import-untyped]
+import junitparser
 import pytest
 
 from harness.cli import main
@@ -115,7 +115,7 @@ def test_a_retry_that_disagrees_is_flaky_not_failed(tmp_path: Path) -> None:
 
 
 def test_merged_junit_keeps_every_case_with_its_evidence(tmp_path: Path) -> None:
-    root = fleet(tmp_path / "fleet", ["smoke-every-queue.json"])
+    fleet(tmp_path / "fleet", ["smoke-every-queue.json"])
     for job in ("emulated", "arm-lab"):  # each CI job's artifact a folder of its own
         shutil.copytree(NIGHT / job, tmp_path / "fleet" / job)
     merged = merge(load_runs([tmp_path / "fleet"], lab_runner="arm-runner"))
