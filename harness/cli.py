@@ -503,6 +503,7 @@ def parse_args(argv: Sequence[str]) -> tuple[Request | manual_cli.Request, bool]
     p.add_argument("after", type=Path)
     p.add_argument("--json", action="store_true", dest="as_json")
     p.add_argument("--all", action="store_true", dest="all_rows", help="also unchanged rows")
+    manual_cli.add_irq_parsers(irq_sub)
 
     image = sub.add_parser("image", help="guest images")
     image_sub = image.add_subparsers(dest="image_command", required=True, parser_class=_Parser)

@@ -58,7 +58,16 @@ class ConsoleRequest:
     follow: bool = True
 
 
-Request = UpRequest | DownRequest | SshRequest | QmpRequest | ConsoleRequest
+@dataclass(frozen=True)
+class WatchRequest:
+    words: tuple[str, ...]  # [RUN] [VM]
+    interval: float = 1.0
+    count: int | None = None  # None: until Ctrl-C
+    as_json: bool = False
+    all_rows: bool = False
+
+
+Request = UpRequest | DownRequest | SshRequest | QmpRequest | ConsoleRequest | WatchRequest
 
 
 def split_command(argv: Sequence[str]) -> tuple[list[str], tuple[str, ...]]:
@@ -100,7 +109,26 @@ def add_parsers(sub: Any) -> None:
                    help="print the history and stop")
 
 
+def add_irq_parsers(irq_sub: Any) -> None:
+    p = irq_sub.add_parser("watch", help="live per-vector interrupt rates of a VM of harness "
+                           "up (like irqtop), the host's side beside an assigned device's")
+    p.add_argument("words", nargs="*", metavar="RUN|VM")
+    p.add_argument("--interval", type=float, default=1.0, help="seconds per frame (default 1)")
+    p.add_argument("--count", type=int, help="print this many frames and stop (default: "
+                   "redraw until Ctrl-C)")
+    p.add_argument("--json", action="store_true", dest="as_json",
+                   help="one JSON object per frame (a line each)")
+    p.add_argument("--all", action="store_true", dest="all_rows",
+                   help="also the rows of no PCI vector that counted (timers, IPIs)")
+
+
 def request_of(ns: argparse.Namespace, command: tuple[str, ...]) -> Request | None:
+    if ns.command == "irq" and ns.irq_command == "watch":
+        if not 0.1 <= ns.interval <= 3600:
+            raise UsageError("harness irq watch: --interval must be 0.1 to 3600 seconds")
+        if ns.count is not None and ns.count < 1:
+            raise UsageError("harness irq watch: --count must be at least 1")
+        return WatchRequest(tuple(ns.words), ns.interval, ns.count, ns.as_json, ns.all_rows)
     if ns.command == "up":
         return UpRequest(ns.scenario, ns.out, ns.force_bind, ns.only)
     if ns.command == "down":
@@ -234,7 +262,44 @@ def handle_console(req: ConsoleRequest) -> int:
     return 0
 
 
+def handle_watch(req: WatchRequest) -> int:
+    from harness.session import request, resolve_target
+    from harness.watch import Device, format_frame, frames, guest_reader, guest_ssh, host_reader
+
+    info, vm, rest = resolve_target(list(req.words))
+    if rest:
+        raise UsageError(f"harness irq watch: unexpected {rest[0]!r}")
+    devices = [Device.of(d) for d in vm.devices]
+    assigned = any(d.host is not None for d in devices)
+
+    def wiring() -> tuple[list[Any], str]:
+        try:
+            answer = request(info, "wiring", timeout=20.0)
+        except HarnessError as exc:
+            return [], f"wiring unknown: {exc}"
+        return list(answer.get("wiring", [])), str(answer.get("note", ""))
+
+    ssh = guest_ssh(vm.name, vm.ssh_port, vm.ssh_user, vm.ssh_key, vm.known_hosts)
+    live = req.count is None and not req.as_json and sys.stdout.isatty()
+    try:
+        for frame in frames(vm.name, devices, guest_reader(ssh), req.interval,
+                            host_reader() if assigned else None,
+                            wiring if assigned else None, req.all_rows, req.count):
+            if req.as_json:
+                print(json.dumps(frame.to_dict()), flush=True)
+            elif live:
+                print("\x1b[H\x1b[2J" + format_frame(frame), flush=True)
+            else:
+                print(format_frame(frame) + "\n", flush=True)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        ssh.close()
+    return 0
+
+
 HANDLERS: dict[type, Callable[..., int]] = {
+    WatchRequest: handle_watch,
     DownRequest: handle_down, SshRequest: handle_ssh, QmpRequest: handle_qmp,
     ConsoleRequest: handle_console,
 }

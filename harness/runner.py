@@ -61,12 +61,13 @@ class Window:
 @dataclass(frozen=True)
 class KeepUp:
     """``harness up``: each VM gets a QMP monitor for people at ``<qmp_dir>/<vm>.qmp``, and
-    ``hold`` is called once the measurement window is open (after the measure workloads); it
+    ``hold`` is called once the measurement window is open (after the measure workloads), with
+    the host's evidence (None when nothing is assigned), so it can answer with the live wiring; it
     returns when the user is done (Ctrl-C, ``harness down``), and the run then closes the
     window, judges what was measured and tears down as ``run`` does."""
 
     qmp_dir: Path
-    hold: Callable[[tuple[GuestVM, ...]], None]
+    hold: Callable[[tuple[GuestVM, ...], HostEvidence | None], None]
 
 
 def prepare_vms(scenario: Scenario, run_dir: Path, progress: Progress,
@@ -299,7 +300,7 @@ def _phases(scenario: Scenario, run: _Progress, vms: list[GuestVM],
                    + run_workloads(scenario, ready, run_dir, progress))
     if keep_up is not None:
         with run.phase("up (by hand)"):
-            keep_up.hold(ready)
+            keep_up.hold(ready, host)
     with run.phase("verdict"):
         after = snapshot(ready, host, "after", run_dir)
         measured = None

@@ -34,6 +34,8 @@ from pathlib import Path
 from typing import Any
 
 from harness.errors import HarnessError, HostError, UsageError
+from harness.hostside import HostEvidence, HostSnapshot
+from harness.interrupts import parse_proc_interrupts
 from harness.vm import GuestVM
 
 log = logging.getLogger(__name__)
@@ -363,9 +365,11 @@ class Session:
         self.started = time.time()
         self.ready_at: float | None = None
         self._done = threading.Event()
+        self._lock = threading.Lock()  # one request at a time touches the host's evidence
         self._ended_by = ""
         self._handlers: dict[str, Handler] = {"down": self._down, "status": self._status,
-                                              **(handlers or {})}
+                                              "wiring": self._wiring, **(handlers or {})}
+        self.host: HostEvidence | None = None
         self._server: _ControlServer | None = None
         self._keys: list[Path] = []
         self.vms: tuple[GuestVM, ...] = ()
@@ -387,11 +391,23 @@ class Session:
     def _status(self, message: dict[str, Any]) -> dict[str, Any]:
         return {"ok": True, "pid": os.getpid(), "ready": self.ready_at is not None}
 
+    def _wiring(self, message: dict[str, Any]) -> dict[str, Any]:
+        """The bypass wiring of every assigned vector now, as the trace shows it so far."""
+        if self.host is None:
+            return {"ok": True, "wiring": [], "note": "nothing is assigned"}
+        text = Path("/proc/interrupts").read_text()
+        now = HostSnapshot(text, parse_proc_interrupts(text, source="host:/proc/interrupts"))
+        with self._lock:
+            measured = self.host.measure(now, now)
+        return {"ok": True, "wiring": [w.to_dict() for w in measured.wiring],
+                "note": measured.wiring_note}
+
     # --- hold: the runner calls it with the booted VMs ------------------------------------
 
-    def hold(self, vms: tuple[GuestVM, ...]) -> None:
+    def hold(self, vms: tuple[GuestVM, ...], host: HostEvidence | None = None) -> None:
         """Publish how to reach each VM, then wait for Ctrl-C, ``harness down`` or a VM's end."""
         self.vms = vms
+        self.host = host
         entries = [self._publish(vm) for vm in vms]
         data = {"format": FORMAT, "pid": os.getpid(), "pid_start": _proc_start(os.getpid()),
                 "started": self.started, "run_dir": str(self.run_dir),
@@ -411,6 +427,12 @@ class Session:
                     break
         except KeyboardInterrupt:
             self._ended_by = "Ctrl-C"
+        # Ending: no more requests (the run now measures with the host's evidence itself),
+        # and no command finds the session any more.
+        (self.folder / "session.json").unlink(missing_ok=True)
+        if self._server is not None:
+            self._server.close()
+            self._server = None
         self.announce(f"session {self.run_dir.name}: ending ({self._ended_by}); measuring, "
                       "reporting and tearing down")
 

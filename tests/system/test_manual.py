@@ -205,6 +205,27 @@ def test_console_shows_the_serial_log(up: Up) -> None:
     assert "harness-init: ready" in done.stdout
 
 
+def test_irq_watch_shows_the_input_vector_rising_during_a_ping(up: Up) -> None:
+    ping = subprocess.Popen([sys.executable, "-m", "harness.cli", "ssh", "guest0", "--",
+                             "ping", "-q", "-c", "60", "-i", "0.05", "10.0.2.2"], cwd=REPO,
+                            env=up.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        time.sleep(1.0)
+        done = up.harness("irq", "watch", "guest0", "--count", "2", "--interval", "1",
+                          "--json", timeout=60)
+    finally:
+        ping.wait(60)
+    frames = [json.loads(line) for line in done.stdout.splitlines()]
+    assert len(frames) == 2
+    rows = [next(r for r in f["rows"] if r["name"] == "virtio0-input.0") for f in frames]
+    assert all(r["device"] == "net0" and r["path"] == "emulated" for r in rows)
+    assert all(r["count"] > 0 and r["rate"] > 0 for r in rows)
+    assert rows[1]["total"] > rows[0]["total"]
+    # the table a person reads
+    table = up.harness("irq", "watch", "guest0", "--count", "1", "--interval", "0.5").stdout
+    assert "RATE/s" in table and "virtio0-input.0" in table
+
+
 def test_bad_targets_are_one_line_exit_2(up: Up) -> None:
     done = up.harness("ssh", "no-such-vm", "--", "true", check=False)
     assert done.returncode == 2 and "no-such-vm" in done.stderr
