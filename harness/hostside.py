@@ -32,6 +32,13 @@ from harness.bypass.tracker import (
 )
 from harness.errors import HostError
 from harness.host.accel import AccelDecision, KvmProbe
+from harness.host.irtable import (
+    DEBUGFS_IOMMU,
+    IrTableRead,
+    IrteAgreement,
+    irte_agreement,
+    read_ir_table,
+)
 from harness.host.preflight import PreflightReport, preflight
 from harness.host.tracefs import KprobeSession, parse_trace
 from harness.host.vgic import (
@@ -160,6 +167,29 @@ def join_vgic_state(wiring: Sequence[VectorWiring], vlpis: Mapping[int, VlpiStat
     return VgicJoin(tuple(joined), tuple(anomalies), tuple(notes))
 
 
+def join_ir_tables(wiring: Sequence[VectorWiring], reads: Mapping[str, IrTableRead]) -> VgicJoin:
+    """Give each traced MSI/MSI-X vector of a device the agreement of the device's IR table
+    entries with the trace: by source id (the device) and guest vector (the one KVM wrote
+    into each posted IRTE, from ``kvm_pi_irte_update``).  A device whose table could not be
+    read keeps its wiring as traced, with a note; a disagreement is an anomaly."""
+    anomalies: list[str] = []
+    notes: list[str] = []
+    checks: dict[str, IrteAgreement] = {}
+    for bdf, read in reads.items():
+        if read.table is None:
+            notes.append(read.note)
+            continue
+        traced = [w.guest_vector for w in wiring if w.bdf == bdf and w.posted
+                  and w.guest_vector is not None]
+        check = irte_agreement(read.table, read.where, bdf, traced)
+        checks[bdf] = check
+        if not check.agrees:
+            anomalies.append(f"anomaly ir-table-disagrees: {check.disagreement}")
+    joined = tuple(dataclasses.replace(w, state=checks[w.bdf])
+                   if w.bdf in checks and not w.intx else w for w in wiring)
+    return VgicJoin(joined, tuple(anomalies), tuple(notes))
+
+
 @dataclass(frozen=True)
 class ReleaseState:
     """What the release-stage workloads left behind: posting that outlived its vectors."""
@@ -179,13 +209,14 @@ class HostEvidence:
 
     def __init__(self, run_dir: Path, devices: list[str], accel: AccelDecision | None, *,
                  machine: str | None = None, kvm_debugfs: Path = KVM_DEBUGFS,
-                 proc: Path = PROC) -> None:
+                 proc: Path = PROC, iommu_debugfs: Path = DEBUGFS_IOMMU) -> None:
         self.run_dir = run_dir
         self.devices = devices
         self.accel = accel
         host = platform_of_uname(machine or platform.machine())
         self.posting: PostingModel | None = host.posting_model if host else None
         self.kvm_debugfs = kvm_debugfs
+        self.iommu_debugfs = iommu_debugfs
         self.proc = proc
         self.preflight: PreflightReport | None = None
         self.device_notes: tuple[str, ...] = ()
@@ -288,6 +319,20 @@ class HostEvidence:
                     hw[vm.pid] = len(vm.state.hw_lpis)
         return ReleaseState(tuple(left), MappingProxyType(hw), tuple(notes))
 
+    def _with_ir_tables(self, counted: HostMeasurement) -> HostMeasurement:
+        """Each assigned device's IR table entries (saved as ``host.ir-table.<bdf>``) joined
+        to its traced vectors; a host without the IOMMU debugfs gets a note."""
+        reads = {}
+        for bdf in self.devices:
+            read = read_ir_table(bdf, self.iommu_debugfs)
+            if read.text:
+                (self.run_dir / f"host.ir-table.{bdf}").write_text(read.text)
+            reads[bdf] = read
+        joined = join_ir_tables(counted.wiring, reads)
+        return dataclasses.replace(counted, wiring=joined.wiring,
+                                   anomalies=counted.anomalies + joined.anomalies,
+                                   vgic_notes=counted.vgic_notes + joined.notes)
+
     def measure(self, before: HostSnapshot, after: HostSnapshot) -> HostMeasurement:
         """Counts, wiring and (arm64) vgic-state; call while the guests still run (the trace
         and the VMs' debugfs files are read here)."""
@@ -299,8 +344,8 @@ class HostEvidence:
                                             self.wiring_note, self._connect_probes)
         wiring, delta, anomalies = counted.wiring, counted.delta, counted.anomalies
         if self.posting is not PostingModel.VLPI and not tracker.counts.get("fwd"):
-            # A host posting through IRTEs has no vgic: nothing to read, nothing to explain.
-            return counted
+            # A host posting through IRTEs has no vgic; its IOMMU's IR table is the witness.
+            return self._with_ir_tables(counted)
         vms, vgic_notes = self.read_vgic()
         joined = join_vgic_state(wiring, tracker.vlpi, vms,
                                  lambda tid: task_tgid(tid, self.proc),

@@ -130,11 +130,12 @@ class LabRun:
 
 
 def prepare(progress: Progress, share: Path, platform: Platform) -> LabSetup:
-    """L1's image and root, and the builtin guest image L1's harness will boot as L2, pinned
-    for it in ``share/images.json``."""
+    """L1's image and root, and the builtin guest images L1's harness will boot as L2 (every
+    builtin recipe of the architecture: L1 cannot fetch packages), pinned for it in
+    ``share/images.json``."""
     image = ensure_image(platform.lab.recipe, platform, progress=progress)
     guests = {name: str(ensure_image(name, platform, progress=progress).folder)
-              for name in platform.recipes[:1]}
+              for name in platform.recipes}
     (share / "images.json").write_text(json.dumps(guests) + "\n")
     if platform.lab.userland is None:
         if platform is not host_platform():
