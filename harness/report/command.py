@@ -171,9 +171,11 @@ def handle(req: ReportRequest) -> int:
     print(format_merged(merged))
     diff_text = None
     regressions = 0
+    marks: dict[tuple[str, str, str], str] = {}
     if req.against is not None:
         changes, diff_text = _diff_runs(req.against, runs, req.lab_runner)
         regressions = sum(c.regression for c in changes)
+        marks = {(c.scenario, c.host, c.vector): c.what for c in changes if c.vector}
         print("\n" + diff_text)
     scenarios = merged["scenarios"]
     title = req.title or (scenarios[0] if len(scenarios) == 1 and len(runs) == 1
@@ -186,7 +188,7 @@ def handle(req: ReportRequest) -> int:
         tree.write(tmp, encoding="utf-8", xml_declaration=True)
         tmp.replace(req.junit_out)
     if req.html_out is not None:
-        _write(req.html_out, page.render(merged, title, diff_text, regressions))
+        _write(req.html_out, page.render(merged, title, diff_text, regressions, marks))
         print(f"page: {req.html_out}")
     if req.markdown_out is not None:
         _write(req.markdown_out, markdown.render(merged, title, diff_text, regressions))

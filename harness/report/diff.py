@@ -41,6 +41,9 @@ class Change:
     where: str  # "scenario on host"
     what: str
     regression: bool
+    scenario: str = ""  # path changes: where the vector is, for the page to mark it
+    host: str = ""
+    vector: str = ""
 
     def line(self) -> str:
         tag = {"path": "PATH", "new failure": "NEW FAIL", "error": "ERROR",
@@ -194,18 +197,18 @@ def compare(old: Sequence[Run], new: Sequence[Run],
             text = f"{key} {was} -> {now}"
             if b is not None and len(b) > 1:
                 changes.append(Change("flaky", where, f"{text} (tonight's runs disagree)",
-                                      False))
+                                      False, s, h, key))
             elif history.flaky_path(s, h, key):
                 changes.append(Change("flaky", where, f"{text} (seen both ways in the "
-                                      "history)", False))
+                                      "history)", False, s, h, key))
             elif a and b and len(a) == 1 and _better(a[0], b[0]):
-                changes.append(Change("path improved", where, text, False))
+                changes.append(Change("path improved", where, text, False, s, h, key))
             elif (key not in judged and a and b
                   and "not-delivered" in (a[0], b[0])):
                 changes.append(Change("path improved", where, f"{text} (no expectation "
-                                      "judges this vector)", False))
+                                      "judges this vector)", False, s, h, key))
             else:
-                changes.append(Change("path", where, text, True))
+                changes.append(Change("path", where, text, True, s, h, key))
         lat_old = [x for r in theirs for x in r.latency_ms]
         lat_new = [x for r in mine for x in r.latency_ms]
         moved = _latency(lat_old, lat_new)

@@ -65,8 +65,9 @@ def expectation_dict(index: int, e: ExpectationResult) -> dict[str, Any]:
 
 def verdict_dict(v: VectorVerdict) -> dict[str, Any]:
     return {"key": vector_key(v.vm, v.device, v.entry, v.name),
-            "vm": v.vm, "device": v.device, "bdf": v.bdf, "entry": v.entry, "name": v.name,
-            "irq": v.irq, "path": v.path.value if v.path else None, "reason": v.reason,
+            "vm": v.vm, "device": v.device, "bdf": v.bdf, "entry": v.entry, "kind": v.kind,
+            "name": v.name, "irq": v.irq, "path": v.path.value if v.path else None,
+            "reason": v.reason,
             "evidence": {"guest_delta": v.guest_delta, "guest_per_cpu": list(v.per_cpu),
                          "host_delta": v.host_delta,
                          "wiring": asdict(v.wiring) if v.wiring else None}}

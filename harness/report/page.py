@@ -53,10 +53,12 @@ details{margin:4px 0} summary{cursor:pointer}
 section.run{border:1px solid #ccc;border-radius:4px;padding:0 12px;margin:12px 0}
 """
 
-# Following a link to evidence opens the <details> it is in (and nothing else runs).
+# Following a link to evidence opens the <details> it is in, or that it is (a run's section:
+# its first), and shows it.  Nothing else runs.
 _SCRIPT = """
-function openTarget(){var e=document.getElementById(decodeURIComponent(location.hash.slice(1)));
-for(;e;e=e.parentElement){if(e.tagName==='DETAILS'){e.open=true;}}}
+function openTarget(){var t=document.getElementById(decodeURIComponent(location.hash.slice(1)));
+if(!t){return;}var d=t.tagName==='DETAILS'?t:t.querySelector('details');if(d){d.open=true;}
+for(var e=t;e;e=e.parentElement){if(e.tagName==='DETAILS'){e.open=true;}}t.scrollIntoView();}
 window.addEventListener('hashchange',openTarget);window.addEventListener('load',openTarget);
 """
 
@@ -69,9 +71,11 @@ def anchor(*parts: object) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "-", "-".join(str(p) for p in parts)).strip("-")
 
 
-def chip(path: str | None, text: str, href: str | None = None, title: str = "") -> str:
+def chip(path: str | None, text: str, href: str | None = None, title: str = "",
+         changed: bool = False) -> str:
     colour = PATH_COLOURS.get(path or "no path", "#eeeeee")
-    style = f"background:{colour}"
+    style = f"background:{colour}" + (";outline:3px solid #000;font-weight:bold"
+                                      if changed else "")
     if href:
         return (f'<a class="chip" style="{style}" href="#{esc(href)}" '
                 f'title="{esc(title)}">{esc(text)}</a>')
@@ -120,7 +124,8 @@ def counts_svg(vectors: Sequence[dict[str, Any]]) -> str:
                             "edgecolor": "none", "pad": 1.5})
         ax.invert_yaxis()
         ax.set_xlabel("interrupts in the measurement window")
-        ax.legend(loc="lower right", fontsize=8)
+        ax.legend(loc="lower left", bbox_to_anchor=(0.0, 1.0), ncols=2, fontsize=8,
+                  frameon=False)
         ax.spines[["top", "right"]].set_visible(False)
         return _svg(fig)
 
@@ -196,7 +201,7 @@ def _failures(runs: Sequence[dict[str, Any]]) -> list[str]:
     return items
 
 
-def _matrix(merged: dict[str, Any]) -> str:
+def _matrix(merged: dict[str, Any], marks: dict[tuple[str, str, str], str]) -> str:
     by_id = {run["run_id"]: run for run in merged["runs"]}
     rows = []
     for s in merged["scenarios"]:
@@ -210,7 +215,9 @@ def _matrix(merged: dict[str, Any]) -> str:
             links = " ".join(f'<a href="#{run_anchor(by_id[i])}">run {n}</a>'
                              for n, i in enumerate(c["runs"], start=1))
             chips = "".join(chip(p if " / " not in p else "no path",
-                                 f"{k} {p}", anchor("run", first["run_id"], "vector", k), p)
+                                 f"{k} {p}" + (" (changed)" if (s, h, k) in marks else ""),
+                                 anchor("run", first["run_id"], "vector", k),
+                                 marks.get((s, h, k), p), changed=(s, h, k) in marks)
                             for k, p in c["vectors"].items())
             lab = " <small>lab</small>" if c["lab"] else ""
             cells.append(f"<td>{badge(c['outcome'])}{lab} <small>{links}</small><br>{chips}"
@@ -269,7 +276,9 @@ def _run_section(run: dict[str, Any]) -> str:
 
 
 def render(merged: dict[str, Any], title: str, diff_text: str | None = None,
-           regressions: int = 0) -> str:
+           regressions: int = 0, marks: dict[tuple[str, str, str], str] | None = None) -> str:
+    """The page; ``marks``: vectors whose path changed since the last night (scenario, host
+    column, vector key -> what changed), outlined in the matrix."""
     runs = merged["runs"]
     failed = _failures(runs)
     ok = merged["passed"]
@@ -296,7 +305,7 @@ def render(merged: dict[str, Any], title: str, diff_text: str | None = None,
     if diff_text:
         parts.append(f'<h2 id="diff">Since the last night</h2><pre>{esc(diff_text)}</pre>')
     parts.append(f'<h2 id="matrix">Scenario x host</h2><p class="legend">{legend}</p>'
-                 + _matrix(merged))
+                 + _matrix(merged, marks or {}))
     parts.append("<p>vectors by path: " + " ".join(
         chip(p, f"{p} {n}") for p, n in merged["vector_paths"].items()) + "</p>")
     groups = latency_groups(runs)

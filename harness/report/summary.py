@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from harness.result import RunResult
+from harness.verdict import per_cpu_text
 
 
 def table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
@@ -16,6 +17,16 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
     return "\n".join(lines)
 
 
+def source_text(kind: str, entry: int | None) -> str:
+    """A vector's source, compact: "msix 1", "msi 0", "intx" ("-": not known)."""
+    if kind == "intx":
+        return "intx"
+    name = {"msi-or-msix": "msi(x)"}.get(kind, kind)
+    if entry is None:
+        return name or "-"
+    return f"{name} {entry}" if name else str(entry)
+
+
 def format_summary(result: RunResult) -> str:
     out = [f"scenario {result.scenario.name}  ({result.run_dir})"]
     for vm in result.vms:
@@ -23,10 +34,11 @@ def format_summary(result: RunResult) -> str:
     if result.verdicts:
         out.append("")
         out.append(table(
-            ["vm", "device", "bdf", "entry", "vector", "irq", "guest delta", "host delta",
-             "path"],
-            [[v.vm, v.device, v.bdf, "-" if v.entry is None else v.entry, v.name, v.irq,
-              v.guest_delta, "-" if v.host_delta is None else v.host_delta,
+            ["vm", "device", "bdf", "source", "vector", "irq", "guest delta", "per cpu",
+             "host delta", "path"],
+            [[v.vm, v.device, v.bdf, source_text(v.kind, v.entry), v.name, v.irq,
+              v.guest_delta, per_cpu_text(v.per_cpu) if v.guest_delta else "-",
+              "-" if v.host_delta is None else v.host_delta,
               v.path.value if v.path else "?"] for v in result.verdicts]))
     if result.host.wiring or result.host.notes:
         out.append("")
