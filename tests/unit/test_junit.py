@@ -137,3 +137,22 @@ def test_the_run_writes_the_same_run_id_into_json_and_junit(tmp_path: Path) -> N
     xml = junitparser.JUnitXml.fromfile(str(tmp_path / "junit.xml"))
     suite = xml if isinstance(xml, junitparser.TestSuite) else next(iter(xml))
     assert properties(suite)["run_id"] == to_dict(result)["run_id"] == result.run_id
+
+
+def test_a_run_inside_the_lab_names_its_runner(tmp_path: Path,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    from harness.config import load_scenarios
+    from harness.report.json_report import LAB_RUNNER_ENV
+    from harness.report.runs import load_runs
+    from harness.result import RunResult
+
+    (scenario,) = load_scenarios(Path(__file__).resolve().parents[2] / "configs"
+                                 / "smoke.yaml")
+    result = RunResult(scenario, "configs/smoke.yaml", tmp_path, 1_700_000_000.0)
+    assert to_dict(result)["lab"] is None
+    monkeypatch.setenv(LAB_RUNNER_ENV, "gicv4-box")
+    report = to_dict(result)
+    assert report["lab"]["runner"] == "gicv4-box"
+    (tmp_path / "report.json").write_text(json.dumps(report))
+    (run,) = load_runs([tmp_path])
+    assert (run.runner, run.column) == ("gicv4-box", "gicv4-box (lab)")
