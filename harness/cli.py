@@ -286,6 +286,11 @@ def handle_trace(req: TraceRequest) -> int:
     session = bypass_session()
     until = None if req.duration is None else time.monotonic() + req.duration
     with session:
+        # vfio vectors that exist now were registered before the probes: their pairing was
+        # not seen, and is reported as unknown rather than as absent.
+        start = parse_proc_interrupts(Path("/proc/interrupts").read_text(), "/proc/interrupts")
+        preexisting = frozenset(line.label for line in start.lines if line.vector is not None
+                                and any(a.startswith("vfio-") for a in line.actions))
         for note in session.skipped:
             _progress(f"not traced: {note}")
         _progress(f"tracing {len(session.added)} probes and "
@@ -298,7 +303,7 @@ def handle_trace(req: TraceRequest) -> int:
             pass
     _progress("probes removed")
     interrupts = parse_proc_interrupts(Path("/proc/interrupts").read_text(), "/proc/interrupts")
-    wiring = tracker.wiring(interrupts)
+    wiring = tracker.wiring(interrupts, before_trace=preexisting)
     if wiring:
         print(table(["device", "entry", "host irq", "wiring"],
                     [[w.bdf, w.entry, w.host_irq, w.describe()] for w in wiring]))

@@ -547,7 +547,9 @@ class BypassTracker:
         # KVM updates a posted IRTE again when the guest moves the vector to another vCPU
         # (a new affinity): the history is the re-routing the trace saw.
         if state.enabled:
-            self.posted_vcpus.setdefault(irq, []).append(state.vcpu)
+            route = self.posted_vcpus.setdefault(irq, [])
+            if not route or route[-1] != state.vcpu:  # a rewrite to the same vCPU is no move
+                route.append(state.vcpu)
         else:
             self.posted_vcpus.pop(irq, None)
 

@@ -430,3 +430,30 @@ def test_zero_host_counts_without_an_enabled_irte_fit_no_path() -> None:
                                wiring[1].as_verdict_wiring())
     assert verdict is None
     assert "too few IRQs for a bounce" in reason and "the IRTE is not posted" in reason
+
+
+def test_a_posted_vector_moved_to_another_vcpu_keeps_its_route_history() -> None:
+    """The guest moves a posted vector (a new affinity): KVM updates the IRTE again with the
+    new vCPU.  The rendered move follows the last real enable of irq 30."""
+    last = max((s for s in SITES if s.host_irq == 30 and s.set), key=lambda s: s.index)
+    moved = pi_line(FORMAT["6.1-lab"], last, enabled=True, vcpu=1)
+    tracker, wiring = replay(with_pi_lines(IRQFD, FORMAT["6.1-lab"],
+                                           extra={last.index: [moved]}))
+    w = wiring[1]
+    assert w.posted and w.vcpu == 1
+    assert w.vcpus == (LAB_VCPU, 1)
+    assert f"moved: vCPU {LAB_VCPU} -> 1" in w.describe()
+    assert wiring[2].vcpus == (LAB_VCPU,) and "moved" not in wiring[2].describe()
+
+
+def test_a_vector_paired_before_a_live_trace_is_unknown_not_unpaired() -> None:
+    """`harness trace` started after QEMU wired its vectors sees no registration: the vfio
+    lines that were there at the start are reported as unknown."""
+    _, snapshot = last_sample_with_msix("irqfd")
+    labels = frozenset(ln.label for ln in snapshot.lines
+                       if any(a.startswith("vfio-msix") for a in ln.actions))
+    late = BypassTracker().wiring(snapshot, before_trace=labels)
+    assert late and all("paired before the trace started: unknown" in w.describe()
+                        for w in late)
+    fresh = BypassTracker().wiring(snapshot)
+    assert all("no bypass producer registered" in w.describe() for w in fresh)
