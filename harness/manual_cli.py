@@ -67,7 +67,14 @@ class WatchRequest:
     all_rows: bool = False
 
 
-Request = UpRequest | DownRequest | SshRequest | QmpRequest | ConsoleRequest | WatchRequest
+@dataclass(frozen=True)
+class HotplugRequest:
+    words: tuple[str, ...]  # [RUN] [VM] ACTION DEVICE
+    pause_s: float = 1.0
+
+
+Request = (UpRequest | DownRequest | SshRequest | QmpRequest | ConsoleRequest | WatchRequest
+           | HotplugRequest)
 
 
 def split_command(argv: Sequence[str]) -> tuple[list[str], tuple[str, ...]]:
@@ -102,11 +109,21 @@ def add_parsers(sub: Any) -> None:
     p.add_argument("-H", "--hmp", action="store_true",
                    help="the human monitor (qmp-shell -H; with a COMMAND, an HMP command line)")
 
+    _add_hotplug_parser(sub)
+
     p = sub.add_parser("console", help="follow the serial console of a VM of harness up")
     p.add_argument("words", nargs="*", metavar="RUN|VM")
     p.add_argument("-n", "--lines", type=int, default=40, help="lines of history (default 40)")
     p.add_argument("--no-follow", action="store_false", dest="follow",
                    help="print the history and stop")
+
+
+def _add_hotplug_parser(sub: Any) -> None:
+    p = sub.add_parser("hotplug", help="unplug / plug back a device (hotplug: true) of a VM "
+                       "of harness up: harness hotplug [RUN] [VM] unplug|plug|replug DEVICE")
+    p.add_argument("words", nargs="+", metavar="WORD")
+    p.add_argument("--pause", type=float, default=1.0, dest="pause_s",
+                   help="replug: seconds between unplug and plug (default 1)")
 
 
 def add_irq_parsers(irq_sub: Any) -> None:
@@ -133,6 +150,10 @@ def request_of(ns: argparse.Namespace, command: tuple[str, ...]) -> Request | No
         return UpRequest(ns.scenario, ns.out, ns.force_bind, ns.only)
     if ns.command == "down":
         return DownRequest(ns.run)
+    if ns.command == "hotplug":
+        if not 0 <= ns.pause_s <= 3600:
+            raise UsageError("harness hotplug: --pause must be 0 to 3600 seconds")
+        return HotplugRequest(tuple(ns.words), ns.pause_s)
     if ns.command == "ssh":
         return SshRequest(tuple(ns.words), command)
     if ns.command == "qmp":
@@ -171,7 +192,11 @@ def handle_up(req: UpRequest, progress: Progress, make_run_dir: Callable[[Path |
     def announce(text: str) -> None:
         print(text, flush=True)
 
+    from harness.hotplug import session_handlers
+
     with Session(scenario.name, run_dir, announce) as session:
+        for op, handler in session_handlers(session).items():
+            session.add_handler(op, handler)
         result = run_scenario(scenario, str(req.scenario), run_dir, progress,
                               force_bind=req.force_bind,
                               keep_up=KeepUp(session.folder, session.hold))
@@ -298,8 +323,26 @@ def handle_watch(req: WatchRequest) -> int:
     return 0
 
 
+def handle_hotplug(req: HotplugRequest) -> int:
+    """Through the up process, which owns the VM's QMP and agent; one line per step."""
+    from harness.session import request, resolve_target
+
+    info, vm, rest = resolve_target(list(req.words))
+    if len(rest) != 2 or rest[0] not in ("unplug", "plug", "replug"):
+        raise UsageError("harness hotplug: expected [RUN] [VM] unplug|plug|replug DEVICE")
+    vm.device(rest[1])  # a device of the VM, or a one-line error
+    answer = request(info, "hotplug", timeout=300.0, vm=vm.name, action=rest[0],
+                     device=rest[1], pause_s=req.pause_s)
+    for event in answer.get("events", []):
+        what = "went" if event["action"] == "unplug" else "came"
+        print(f"{event['action']} {event['vm']}/{event['device']} ({event['bdf']}) in "
+              f"{event['seconds']:.1f} s; vectors that {what}: "
+              f"{', '.join(event['vectors']) or 'none'}", flush=True)
+    return 0
+
+
 HANDLERS: dict[type, Callable[..., int]] = {
-    WatchRequest: handle_watch,
+    WatchRequest: handle_watch, HotplugRequest: handle_hotplug,
     DownRequest: handle_down, SshRequest: handle_ssh, QmpRequest: handle_qmp,
     ConsoleRequest: handle_console,
 }

@@ -131,6 +131,13 @@ def run_workloads(scenario: Scenario, vms: tuple[GuestVM, ...], run_dir: Path,
     by_name = {vm.name: vm for vm in vms}
     results = []
     for workload in (w for w in scenario.workloads if w.stage is stage):
+        if workload.hotplug is not None:  # a device step, not a command (harness.hotplug)
+            from harness.hotplug import run_workload
+
+            results.append(run_workload(workload, by_name[workload.vm], progress))
+            if not results[-1].passed:
+                progress(results[-1].message)
+            continue
         label = workload.name or " ".join(workload.run)
         progress(f"{workload.vm}: running {label}")
         # Unbuffered: each chunk is in the file as soon as it arrived (tail -f shows it).

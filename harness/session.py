@@ -274,8 +274,16 @@ def request(info: SessionInfo, op: str, timeout: float = 30.0, **args: Any) -> d
     if not isinstance(data, dict):
         raise HarnessError(f"session {info.name}: malformed answer to {op}")
     if data.get("error"):
-        raise HarnessError(f"{op}: {data['error']}")
+        raise RemoteError(str(data["error"]), int(data.get("exit_code") or 1))
     return data
+
+
+class RemoteError(HarnessError):
+    """What the up process answered to a request that failed, with its exit code."""
+
+    def __init__(self, message: str, exit_code: int) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
 
 
 def _read_line(sock: socket.socket) -> bytes:
@@ -327,7 +335,7 @@ class _ControlServer:
                     else:
                         answer = handler(message)
                 except HarnessError as exc:
-                    answer = {"error": str(exc)}
+                    answer = {"error": str(exc), "exit_code": exc.exit_code}
                 except (OSError, ValueError, AttributeError) as exc:
                     answer = {"error": f"bad request: {exc}"}
                 except Exception as exc:  # noqa: BLE001 - one request must not end the session

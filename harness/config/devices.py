@@ -28,7 +28,8 @@ NETWORK = r"^(25[0-5]|2[0-4][0-9]|1?[0-9]?[0-9])(\.(25[0-5]|2[0-4][0-9]|1?[0-9]?
 DEFAULT_NETWORK = "10.0.2.0/24"
 SSH_GUEST_PORT = 22
 
-_ADDR_DOC = "PCI slot on the root bus (default: the lowest free one from 0x03)"
+_ADDR_DOC = ("PCI slot on the root bus (of its root port, with hotplug: true); default: the "
+             "lowest free one from 0x03")
 _NETWORK_DOC = ("this NIC's own user-mode network, an IPv4 /24 (the guest is .15, the gateway "
                 ".2); default: 10.0.2.0/24 for the VM's first NIC, 10.0.3.0/24 for its second, "
                 "and so on (the lowest one no NIC of the VM names)")
@@ -45,12 +46,25 @@ def _addr_field(text: str = _ADDR_DOC) -> Any:
     return field(default=None, metadata=doc(text, minimum=0, maximum=SLOT_MAX))
 
 
+_HOTPLUG_DOC = ("plug the device behind a PCIe root port of its own (at its addr), so that it "
+                "can be unplugged and plugged back while the guest runs (QMP device_del / "
+                "device_add, a workload's hotplug step); its guest address is then "
+                "0000:BB:00.0, BB the k-th such port by slot (1, 2, ...)")
+
+
+def _hotplug_field() -> Any:
+    """The ``hotplug`` key every kind has (the root bus of q35 and virt cannot hot-plug)."""
+    return field(default=False, metadata=doc(_HOTPLUG_DOC))
+
+
 class Placement(Protocol):
     """Where a device sits in its VM, as its QEMU arguments need it (harness.qemu.argv's
     PlacedDevice is one)."""
 
     @property
     def addr(self) -> str: ...  # the slot as QEMU's addr= takes it
+    @property
+    def location(self) -> dict[str, str]: ...  # addr= on the root bus, or bus= a root port
     @property
     def mac(self) -> str: ...
     @property
@@ -65,6 +79,7 @@ class _Kind:
     kind: str
     id: str
     addr: int | None
+    hotplug: bool
     emulated: ClassVar[bool] = True  # QEMU raises its interrupts (no host device IRQ)
     guest_modules: ClassVar[tuple[str, ...]] = ()  # drivers the guest kernel must have
     nic: ClassVar[bool] = False
@@ -106,7 +121,7 @@ class _UserNic(_Kind):
         return ["-netdev", f"user,id={self.id}{net}{fwd}",
                 "-device", qemu_options(self.qemu_model, {
                     "netdev": self.id, "id": self.id, "mac": placed.mac,
-                    "addr": placed.addr, **placed.platform.nic_options})]
+                    **placed.location, **placed.platform.nic_options})]
 
 
 @dataclass(frozen=True)
@@ -117,6 +132,7 @@ class VirtioNet(_UserNic):
     ssh: bool = field(default=True, metadata=doc(
         "forward the guest's SSH port over this NIC (user-mode network, 127.0.0.1 only)"))
     network: str | None = field(default=None, metadata=doc(_NETWORK_DOC, pattern=NETWORK))
+    hotplug: bool = _hotplug_field()
 
     qemu_model: ClassVar[str] = "virtio-net-pci"
     guest_modules: ClassVar[tuple[str, ...]] = ("virtio_pci", "virtio_net")
@@ -130,6 +146,7 @@ class E1000e(_UserNic):
     ssh: bool = field(default=False, metadata=doc(
         "forward the guest's SSH port over this NIC"))
     network: str | None = field(default=None, metadata=doc(_NETWORK_DOC, pattern=NETWORK))
+    hotplug: bool = _hotplug_field()
 
     qemu_model: ClassVar[str] = "e1000e"
     guest_modules: ClassVar[tuple[str, ...]] = ("e1000e",)
@@ -142,6 +159,7 @@ class VirtioBlk(_Kind):
     addr: int | None = _addr_field()
     size_mib: int = field(default=8, metadata=doc("size of the scratch disk (a sparse raw file)",
                                                   minimum=1, maximum=65536))
+    hotplug: bool = _hotplug_field()
 
     guest_modules: ClassVar[tuple[str, ...]] = ("virtio_pci", "virtio_blk")
 
@@ -157,7 +175,7 @@ class VirtioBlk(_Kind):
                                                          "file": f"{self.id}-file"}),
                 "-device", qemu_options("virtio-blk-pci", {"drive": f"{self.id}-fmt",
                                                             "id": self.id,
-                                                            "addr": placed.addr})]
+                                                            **placed.location})]
 
 
 @dataclass(frozen=True)
@@ -174,6 +192,7 @@ class VfioPci(_Kind):
     no_kvm_intx: bool = field(default=False, metadata=doc(
         "x-no-kvm-intx=on: QEMU handles the INTx line and its EOI in user space (no KVM "
         "irqfd with a resample fd)"))
+    hotplug: bool = _hotplug_field()
 
     emulated: ClassVar[bool] = False
 
@@ -183,7 +202,7 @@ class VfioPci(_Kind):
 
     def qemu_args(self, placed: Placement, scratch: Path | None) -> list[str]:
         return ["-device", qemu_options("vfio-pci", {
-            "host": self.host, "id": self.id, "addr": placed.addr,
+            "host": self.host, "id": self.id, **placed.location,
             "x-no-kvm-msix": True if self.no_kvm_msix else None,
             "x-no-kvm-msi": True if self.no_kvm_msi else None,
             "x-no-kvm-intx": True if self.no_kvm_intx else None})]

@@ -658,7 +658,8 @@ class _Checker:
             self.check_qemu(vm, path)
         vms = {vm.name: vm for vm in scenario.vms}
         for i, workload in enumerate(scenario.workloads):
-            self.vm_named(vms, workload.vm, f"workloads[{i}].vm")
+            vm = self.vm_named(vms, workload.vm, f"workloads[{i}].vm")
+            self.check_workload(vm, workload, f"workloads[{i}]")
         for i, expectation in enumerate(scenario.expect):
             self.check_expectation(vms, expectation, f"expect[{i}]", scenario.workloads)
 
@@ -823,6 +824,29 @@ class _Checker:
             raise self.error(path, f"no VM named {_shown(name)}{_did_you_mean(name, vms)}; "
                                    f"VMs: {', '.join(vms)}")
         return vms[name]
+
+    def check_workload(self, vm: model.VM, workload: model.Workload, path: str) -> None:
+        """A workload runs a command or hot-plugs a device, one of the two; the device of a
+        hotplug step is one of the VM's, behind a root port, and not the SSH NIC."""
+        if bool(workload.run) == (workload.hotplug is not None):
+            raise self.error(path, "a workload has run (a command) or hotplug (a device "
+                                   "step), exactly one of them")
+        if workload.hotplug is None:
+            return
+        devices = {device.id: device for device in vm.devices}
+        name = workload.hotplug.device
+        where = f"{path}.hotplug.device"
+        if name not in devices:
+            raise self.error(where, f"VM {vm.name!r} has no device {_shown(name)}"
+                             f"{_did_you_mean(name, devices)}; its devices: "
+                             f"{', '.join(devices)}")
+        device = devices[name]
+        if not device.hotplug:
+            raise self.error(where, f"{device.kind} {name!r} sits on the root bus, which cannot "
+                             "hot-plug: give it hotplug: true (a root port of its own)")
+        if device.ssh_nic():
+            raise self.error(where, f"{name!r} is the NIC the harness reaches the guest "
+                             "through (ssh: true): it cannot be unplugged")
 
     def check_expectation(self, vms: dict[str, model.VM], expectation: model.Expectation,
                           path: str, workloads: tuple[model.Workload, ...]) -> None:

@@ -19,7 +19,8 @@ from harness.config.fields import doc
 from harness.platform import Accel, Arch
 
 __all__ = ["RECIPE_NAME", "VM", "Accel", "Arch", "BuiltinImage", "CloudImage", "DeliveryPath",
-           "Device", "E1000e", "Expectation", "Image", "KernelImage", "LabDevice", "LabSettings",
+           "Device", "E1000e", "Expectation", "Hotplug", "HotplugAction", "Image", "KernelImage",
+           "LabDevice", "LabSettings",
            "Scenario", "Stage", "Timeouts", "VfioPci", "VirtioBlk", "VirtioNet", "Workload", "doc",
            "entry_number"]
 
@@ -138,10 +139,35 @@ class Stage(enum.StrEnum):
     RELEASE = "release"
 
 
+class HotplugAction(enum.StrEnum):
+    """What a workload's hotplug step does to a device behind its root port."""
+
+    UNPLUG = "unplug"
+    PLUG = "plug"
+    REPLUG = "replug"
+
+
+@dataclass(frozen=True)
+class Hotplug:
+    """A hot-plug step: QMP device_del / device_add of a device with hotplug: true."""
+
+    device: str = field(metadata=doc("the device's id (it must have hotplug: true)"))
+    action: HotplugAction = field(default=HotplugAction.REPLUG, metadata=doc(
+        "unplug: device_del, and wait until QEMU says the guest let the device go; plug: "
+        "device_add it back as it was booted, and wait until its guest driver holds its "
+        "vectors again (a NIC gets its address back); replug: both, pause_s apart"))
+    pause_s: float = field(default=1.0, metadata=doc(
+        "replug: seconds between the unplug and the plug", minimum=0, maximum=3600))
+
+
 @dataclass(frozen=True)
 class Workload:
     vm: str = field(metadata=doc("VM that runs it"))
-    run: tuple[str, ...] = field(metadata=doc("argv run in the guest over SSH", minItems=1))
+    run: tuple[str, ...] = field(default=(), metadata=doc(
+        "argv run in the guest over SSH (a workload has run or hotplug)", minItems=1))
+    hotplug: Hotplug | None = field(default=None, metadata=doc(
+        "instead of run: unplug and/or plug back one of the VM's devices (its vectors go "
+        "and come back; the run's hotplug.jsonl and the workload's result say which)"))
     name: str = field(default="", metadata=doc("label in reports (default: the argv)",
                                                maxLength=200))
     timeout_s: float = field(default=60.0, metadata=doc(

@@ -4,8 +4,9 @@ Nothing here touches the host: the caller supplies the platform, paths, file des
 numbers and the accelerator decision; the result is a list of strings that is safe to log
 with shlex.join.  Scenario VMs, the KVM probe and the lab's emulated host are all built
 here, from the :class:`~harness.platform.Platform` they run on.  Devices sit on the root
-bus at fixed slots, so every vector's guest PCI address is known before boot, and each
-device kind builds its own arguments (:mod:`harness.config.devices`).
+bus at fixed slots (a hot-pluggable one behind a root port of its own there), so every
+vector's guest PCI address is known before boot, and each device kind builds its own
+arguments (:mod:`harness.config.devices`).
 """
 
 from __future__ import annotations
@@ -31,23 +32,57 @@ def die_with_harness(argv: Sequence[str]) -> list[str]:
     return [*DIE_WITH_HARNESS, *argv]
 
 
+#: The id of a hot-pluggable device's root port is this prefix and the device's id.
+PORT_PREFIX = "port-"
+
+
 @dataclass(frozen=True)
 class PlacedDevice:
-    """A scenario device with the guest PCI address it will have on its platform."""
+    """A scenario device with the guest PCI address it will have on its platform.
+
+    A device with ``hotplug: true`` sits alone behind a PCIe root port of its own at
+    ``slot`` (the root bus of q35 and virt cannot hot-plug); it is then function 0 of slot 0
+    on the port's secondary bus, which the firmware (SeaBIOS) or the kernel (virt) numbers
+    depth first in slot order: the k-th such port by slot gets bus k.  No other device kind
+    is a bridge, so that order is the whole story.
+    """
 
     device: Device
     slot: int
     platform: Platform
     network: str | None = None  # a NIC's user-mode network (a /24), None for other devices
+    bus: int = 0  # the guest bus behind the device's root port; 0: on the root bus
 
     @property
     def bdf(self) -> str:
+        if self.bus:
+            return f"0000:{self.bus:02x}:00.0"
         return f"0000:00:{self.slot:02x}.0"
 
     @property
     def addr(self) -> str:
-        """The slot as QEMU's ``addr=`` takes it."""
+        """The slot as QEMU's ``addr=`` takes it (of the root port, for a device behind one)."""
         return f"0x{self.slot:02x}"
+
+    @property
+    def port(self) -> str | None:
+        """The id of the device's root port, None on the root bus."""
+        return f"{PORT_PREFIX}{self.device.id}" if self.bus else None
+
+    @property
+    def location(self) -> dict[str, str]:
+        """Where the device's ``-device`` puts it: ``addr=`` on the root bus, or the port."""
+        if self.port is not None:
+            return {"bus": self.port, "addr": "0x00"}
+        return {"addr": self.addr}
+
+    def port_args(self) -> list[str]:
+        """The root port's ``-device`` (none for a device on the root bus)."""
+        if self.port is None:
+            return []
+        return ["-device", qemu_options("pcie-root-port", {
+            "id": self.port, "chassis": self.bus, "slot": self.bus, "addr": self.addr})]
+
 
     @property
     def mac(self) -> str:
@@ -65,14 +100,19 @@ def place_devices(devices: Sequence[Device], platform: Platform) -> tuple[Placed
     auto = range(platform.first_auto_slot, platform.slots.stop)
     free = iter([slot for slot in auto if slot not in taken])
     networks = iter(_free_networks(devices))
-    placed = []
+    slots = []
     for d in devices:
         slot = d.addr if d.addr is not None else next(free, None)
         if slot is None:
             raise UsageError(f"device {d.id}: no free slot on the root bus "
                              f"({auto.start:#04x}..{auto.stop - 1:#04x}); give fewer devices")
+        slots.append(slot)
+    ports = sorted(slot for d, slot in zip(devices, slots, strict=True) if d.hotplug)
+    placed = []
+    for d, slot in zip(devices, slots, strict=True):
         network = (getattr(d, "network", None) or next(networks)) if d.nic else None
-        placed.append(PlacedDevice(d, slot, platform, network))
+        bus = ports.index(slot) + 1 if d.hotplug else 0
+        placed.append(PlacedDevice(d, slot, platform, network, bus))
     return tuple(placed)
 
 
@@ -90,8 +130,9 @@ def device_mac(device_id: str, slot: int) -> str:
 
 
 def device_args(placed: PlacedDevice, scratch: Mapping[str, Path]) -> list[str]:
-    """The device's own arguments; ``scratch`` maps device ids to their scratch files."""
-    return placed.device.qemu_args(placed, scratch.get(placed.device.id))
+    """The device's own arguments (after its root port's, if it has one); ``scratch`` maps
+    device ids to their scratch files."""
+    return placed.port_args() + placed.device.qemu_args(placed, scratch.get(placed.device.id))
 
 
 @dataclass(frozen=True)

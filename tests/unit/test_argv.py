@@ -101,6 +101,40 @@ def test_arm64_virt_has_slot_0x1f_too() -> None:
         place_devices([blk(f"d{i}") for i in range(30)], ARM64)
 
 
+@BOTH
+def test_a_hotplug_device_sits_behind_a_root_port_of_its_own(platform: Platform) -> None:
+    """The k-th root port by slot gets bus k (depth-first numbering in slot order, checked on
+    both machines by tests/system/test_manual.py); the device is 00.0 on it."""
+    devices: list[Device] = [net("n0"), VirtioBlk(kind="virtio-blk", id="d1", hotplug=True),
+                             VirtioNet(kind="virtio-net", id="n1", ssh=False, hotplug=True,
+                                       addr=0x10),
+                             VirtioBlk(kind="virtio-blk", id="d2", hotplug=True, addr=0x08)]
+    out = {p.device.id: p for p in place_devices(devices, platform)}
+    assert {k: (p.slot, p.bus, p.bdf) for k, p in out.items()} == {
+        "n0": (0x03, 0, "0000:00:03.0"), "d1": (0x04, 1, "0000:01:00.0"),
+        "n1": (0x10, 3, "0000:03:00.0"), "d2": (0x08, 2, "0000:02:00.0")}
+    assert out["n0"].port is None and out["n0"].port_args() == []
+    assert device_args(out["d1"], {"d1": Path("/s/d1.img")}) == [
+        "-device", "pcie-root-port,id=port-d1,chassis=1,slot=1,addr=0x04",
+        "-blockdev", "driver=file,node-name=d1-file,filename=/s/d1.img",
+        "-blockdev", "driver=raw,node-name=d1-fmt,file=d1-file",
+        "-device", "virtio-blk-pci,drive=d1-fmt,id=d1,bus=port-d1,addr=0x00"]
+    n1 = device_args(out["n1"], {})
+    assert n1[:2] == ["-device", "pcie-root-port,id=port-n1,chassis=3,slot=3,addr=0x10"]
+    assert ",bus=port-n1,addr=0x00" in n1[-1]
+    # the MAC stays the one of the slot, so a NIC keeps it across a replug
+    assert out["n1"].mac == device_mac("n1", 0x10)
+
+
+def test_an_assigned_device_behind_a_root_port() -> None:
+    dev = VfioPci(kind="vfio-pci", id="nic", host="0000:00:05.0", addr=0x04, hotplug=True)
+    (p,) = place_devices([dev], X86_64)
+    assert device_args(p, {}) == [
+        "-device", "pcie-root-port,id=port-nic,chassis=1,slot=1,addr=0x04",
+        "-device", "vfio-pci,host=0000:00:05.0,id=nic,bus=port-nic,addr=0x00"]
+    assert p.bdf == "0000:01:00.0"
+
+
 # --- MAC addresses -------------------------------------------------------------------------------
 
 

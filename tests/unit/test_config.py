@@ -38,6 +38,7 @@ from harness.config import (
     model,
     scenario_json_schema,
 )
+from harness.config.model import HotplugAction
 from harness.config.schema import field_metadata, scenario_json_schema_text
 from harness.errors import ConfigError, UsageError
 
@@ -190,7 +191,7 @@ INVALID: list[tuple[str, str, bool]] = [
      "keys: name, vms, description, workloads, expect, timeouts, lab", True),
     ("bad-key-of-other-kind.yaml",
      "bad-key-of-other-kind.yaml:8: vms[0].devices[0].size_mib: unknown key; allowed keys: "
-     "kind, id, addr, ssh, network", True),
+     "kind, id, addr, ssh, network, hotplug", True),
     ("bad-missing-required.yaml",
      "bad-missing-required.yaml:7: vms[0].devices[1].host: missing required key", True),
     ("bad-missing-vms.yaml", "bad-missing-vms.yaml:2: vms: missing required key", True),
@@ -352,6 +353,23 @@ def test_invalid_file_gives_one_exact_line(name: str, message: str, schema_rejec
     assert isinstance(info.value.line, int)
 
 
+_HOTPLUG = ("name: n\nvms:\n  - name: vm\n    devices:\n"
+            "      - {kind: virtio-net, id: n0}\n      - {kind: virtio-blk, id: d, hotplug: true}\n"
+            "workloads:\n")
+
+
+def test_a_hotplug_step_loads() -> None:
+    scenario = load_scenario_text(
+        _HOTPLUG + "  - {vm: vm, hotplug: {device: d, action: unplug}, stage: release}\n"
+        "  - {vm: vm, hotplug: {device: d, pause_s: 0.5}}\n", "s.yaml")
+    unplug, replug = scenario.workloads
+    assert unplug.run == () and unplug.hotplug is not None
+    assert (unplug.hotplug.device, unplug.hotplug.action) == ("d", HotplugAction.UNPLUG)
+    assert replug.hotplug is not None and replug.hotplug.action is HotplugAction.REPLUG
+    assert replug.hotplug.pause_s == 0.5
+    assert scenario.vms[0].devices[1].hotplug and not scenario.vms[0].devices[0].hotplug
+
+
 @pytest.mark.parametrize(("text", "message"), [
     ("name: n\nvms:\n  - name: vm\n    cpus: true\n",
      "s.yaml:4: vms[0].cpus: expected an integer, got true"),
@@ -380,6 +398,26 @@ def test_invalid_file_gives_one_exact_line(name: str, message: str, schema_rejec
     ("~\n", "s.yaml:1: expected a mapping at the top level, got null"),
     # not echoed: the file may be anything (a key, a password file), not a scenario
     ("just text\n", "s.yaml:1: expected a mapping at the top level, got text"),
+    # hotplug steps: one of run and hotplug; a device behind a root port; never the SSH NIC
+    (_HOTPLUG + "  - {vm: vm, run: [\"true\"], hotplug: {device: d}}\n",
+     "s.yaml:8: workloads[0]: a workload has run (a command) or hotplug (a device step), "
+     "exactly one of them"),
+    (_HOTPLUG + "  - {vm: vm}\n",
+     "s.yaml:8: workloads[0]: a workload has run (a command) or hotplug (a device step), "
+     "exactly one of them"),
+    (_HOTPLUG + "  - {vm: vm, hotplug: {device: n0}}\n",
+     "s.yaml:8: workloads[0].hotplug.device: virtio-net 'n0' sits on the root bus, which "
+     "cannot hot-plug: give it hotplug: true (a root port of its own)"),
+    (_HOTPLUG.replace("id: n0}", "id: n0, hotplug: true}")
+     + "  - {vm: vm, hotplug: {device: n0}}\n",
+     "s.yaml:8: workloads[0].hotplug.device: 'n0' is the NIC the harness reaches the guest "
+     "through (ssh: true): it cannot be unplugged"),
+    (_HOTPLUG + "  - {vm: vm, hotplug: {device: dd}}\n",
+     "s.yaml:8: workloads[0].hotplug.device: VM 'vm' has no device 'dd' (did you mean 'd'?); "
+     "its devices: n0, d"),
+    (_HOTPLUG + "  - {vm: vm, hotplug: {device: d, action: remove}}\n",
+     "s.yaml:8: workloads[0].hotplug.action: unknown value 'remove'; allowed values: unplug, "
+     "plug, replug"),
 ])
 def test_inline_mistakes(text: str, message: str) -> None:
     with pytest.raises(ConfigError) as info:
