@@ -146,3 +146,67 @@ def test_gitlab_jobs_run_every_scenario_declare_junit_and_preflight() -> None:
     assert any("harness preflight" in line for line in doc["hardware"]["script"])
     assert doc["merge"]["artifacts"]["reports"]["junit"] == "nightly/merged.xml"
     assert any("--against" in line for line in doc["merge"]["script"])
+
+
+DATA = REPO / "tests" / "data" / "reports"  # recorded nights: see its README
+
+
+def _night(root: Path, night: int) -> None:
+    """A night's artifacts: its merged report where the runners' reports would be (the
+    merge reads either)."""
+    if root.exists():
+        shutil.rmtree(root)
+    (root / "all").mkdir(parents=True)
+    shutil.copy(DATA / f"night-{night}.merged.json", root / "all" / "report.json")
+
+
+def _run(script: str, cwd: Path, env: dict[str, str], *shell: str
+         ) -> subprocess.CompletedProcess[str]:
+    (cwd / ".venv").unlink(missing_ok=True)
+    (cwd / ".venv").symlink_to(REPO / ".venv")
+    return subprocess.run([*shell, "-c", script], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=300, check=False)
+
+
+def test_github_merge_step_keeps_history_and_fails_on_the_regression(tmp_path: Path) -> None:
+    """The merge job's script, run for real on two recorded nights (GitHub runs `bash -e`)."""
+    step = next(s for s in load(GITHUB)["jobs"]["merge"]["steps"]
+                if "report merge" in s.get("run", ""))
+    env = {"PATH": "/usr/bin:/bin", "GITHUB_STEP_SUMMARY": str(tmp_path / "summary-1.md")}
+    _night(tmp_path / "artifacts", 1)
+    first = _run(step["run"], tmp_path, env, "bash", "-e")
+    assert first.returncode == 0, first.stdout + first.stderr
+    nightly = tmp_path / "nightly"
+    assert {p.name for p in nightly.iterdir()} >= {"merged.json", "merged.xml", "report.html",
+                                                  "summary.md", "history.sqlite"}
+    assert "PASSED" in (tmp_path / "summary-1.md").read_text()
+    # The next night: last night's artifact is downloaded to last/.
+    (tmp_path / "last").mkdir()
+    shutil.move(nightly / "history.sqlite", tmp_path / "last" / "history.sqlite")
+    shutil.rmtree(nightly)
+    _night(tmp_path / "artifacts", 2)
+    env["GITHUB_STEP_SUMMARY"] = str(tmp_path / "summary-2.md")
+    second = _run(step["run"], tmp_path, env, "bash", "-e")
+    assert second.returncode == 1, second.stdout + second.stderr
+    summary = (tmp_path / "summary-2.md").read_text()
+    assert "1 regression(s) since the last night" in summary
+    assert "l2/nic#1 posted -> irqfd-bounce" in summary
+    assert "l2/nic#1 posted -&gt; irqfd-bounce" in (nightly / "report.html").read_text()
+    from harness.report.store import Store
+
+    assert [n for n, _ in Store(nightly / "history.sqlite").nights()] == ["2026-12-06",
+                                                                         "2026-12-07"]
+
+
+def test_gitlab_merge_job_keeps_history_and_fails_on_the_regression(tmp_path: Path) -> None:
+    """The merge job's script lines, run for real as GitLab Runner runs them."""
+    script = "\n".join(load(GITLAB)["merge"]["script"])
+    env = {"PATH": "/usr/bin:/bin", "HARNESS_HISTORY": str(tmp_path / "keep" / "h.sqlite")}
+    _night(tmp_path / "results", 1)
+    first = _run(script, tmp_path, env, "bash", "-eo", "pipefail")
+    assert first.returncode == 0, first.stdout + first.stderr
+    _night(tmp_path / "results", 2)
+    second = _run(script, tmp_path, env, "bash", "-eo", "pipefail")
+    assert second.returncode == 1, second.stdout + second.stderr
+    assert "l2/nic#1 posted -> irqfd-bounce" in (tmp_path / "nightly" / "summary.md").read_text()
+    assert (tmp_path / "nightly" / "history.sqlite").stat().st_size > 0
