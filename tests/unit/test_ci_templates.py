@@ -210,3 +210,34 @@ def test_gitlab_merge_job_keeps_history_and_fails_on_the_regression(tmp_path: Pa
     assert second.returncode == 1, second.stdout + second.stderr
     assert "l2/nic#1 posted -> irqfd-bounce" in (tmp_path / "nightly" / "summary.md").read_text()
     assert (tmp_path / "nightly" / "history.sqlite").stat().st_size > 0
+
+
+def test_the_retry_runs_a_failed_scenario_once_more_and_nothing_else(tmp_path: Path) -> None:
+    """Both templates' retry, in bash: exit 1 (expectations failed) is tried once more; any
+    other failure (bad input, host cannot, QEMU failed) stands at once."""
+    gitlab = next(line for line in load(GITLAB)[".harness"]["before_script"]
+                  if line.startswith("retry_once()"))
+    github = next(s["run"] for s in load(GITHUB)["jobs"]["emulated"]["steps"]
+                  if "configs/smoke.yaml" in s.get("run", ""))
+    # A command that fails with the given codes in turn, counting its calls.
+    fake = tmp_path / "fake"
+    fake.write_text('#!/bin/sh\nn=$(($(cat "$0.n" 2>/dev/null || echo 0) + 1))\n'
+                    'echo $n > "$0.n"\nexit $(echo "$CODES" | cut -d, -f$n)\n')
+    fake.chmod(0o755)
+    github_cmd = github.replace(".venv/bin/harness run configs/smoke.yaml --out results",
+                                str(fake))
+    assert str(fake) in github_cmd and "harness" not in github_cmd
+    # codes in turn -> (the retry's exit status, calls); GitHub's step only fails or not.
+    cases = [("1,0", 0, 2), ("1,1", 1, 2), ("4,0", 4, 1), ("0", 0, 1)]
+    for codes, status, calls in cases:
+        for script, shell in [(f"{gitlab}\nretry_once {fake}", ["bash", "-eo", "pipefail"]),
+                              (github_cmd, ["bash", "-e"])]:
+            Path(f"{fake}.n").unlink(missing_ok=True)
+            done = subprocess.run([*shell, "-c", script], env={"CODES": codes,
+                                                                "PATH": "/usr/bin:/bin"},
+                                  capture_output=True, text=True, timeout=30, check=False)
+            assert int(Path(f"{fake}.n").read_text()) == calls, (codes, script)
+            if script.startswith("retry_once"):
+                assert done.returncode == status, (codes, done.stderr)
+            else:
+                assert (done.returncode == 0) == (status == 0), (codes, done.stderr)
