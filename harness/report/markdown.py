@@ -65,14 +65,21 @@ def render(merged: dict[str, Any], title: str, diff_text: str | None = None,
                              "\n".join(junit.tail_lines(r))))
     if failures:
         out += ["### Failures", ""]
-        used = sum(len(line) + 1 for line in out)
-        for headline, body in failures:
-            out.append(f"- **{_md(headline)}**")
-            if used + len(body) < BUDGET:
-                out += ["  <details><summary>evidence</summary>", "", "  ```",
-                        *(f"  {line}" for line in body.rstrip().splitlines()), "  ```",
-                        "  </details>"]
-                used += len(body) + len(headline)
+        used = sum(len(line.encode()) + 1 for line in out)
+        for n, (headline, body) in enumerate(failures):
+            line = f"- **{_md(headline)}**"
+            if used + len(line.encode()) > BUDGET:
+                out.append(f"- ... and {len(failures) - n} more: see the page")
+                break
+            out.append(line)
+            used += len(line.encode()) + 1
+            block = ["  <details><summary>evidence</summary>", "", "  ```",
+                     *(f"  {line}" for line in body.rstrip().splitlines()), "  ```",
+                     "  </details>"]
+            size = sum(len(line.encode()) + 1 for line in block)
+            if used + size < BUDGET * 3 // 4:  # the rest keeps room for more headlines
+                out += block
+                used += size
             else:
                 out.append("  (evidence cut here: see the page and report.json)")
         out.append("")
