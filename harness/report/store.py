@@ -67,6 +67,10 @@ class Store:
             raise UsageError(f"{self.path}: not a result store: {exc}") from exc
 
     def add(self, name: str, merged: dict[str, Any]) -> None:
+        if not self.sqlite and not self.path.is_dir() and (self.path.suffix
+                                                           or self.path.exists()):
+            raise UsageError(f"{self.path}: a result store is a file named *.sqlite, "
+                             "*.sqlite3 or *.db, or a folder")
         if not _NAME.fullmatch(name):
             raise UsageError(f"night name {name!r}: letters, digits and _.:- only, at most "
                              "64 characters")

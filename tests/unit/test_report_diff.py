@@ -165,3 +165,10 @@ def test_a_store_that_is_not_one_is_refused(tmp_path: Path,
     assert main(["report", "diff", str(bogus), str(N2)]) == 2
     assert "not a result store" in capsys.readouterr().err
     shutil.rmtree(tmp_path)
+
+
+def test_a_store_path_of_another_kind_is_refused(tmp_path: Path,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["report", "store", str(tmp_path / "history.txt"), str(N1)]) == 2
+    assert "a result store is a file named *.sqlite" in capsys.readouterr().err
+    assert not (tmp_path / "history.txt").exists()
