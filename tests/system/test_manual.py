@@ -262,3 +262,105 @@ def test_ctrl_c_on_up_reports_and_leaves_no_qemu(tmp_path: Path) -> None:
     assert "report:" in rest and (run_dir / "report.json").exists()
     assert not pids & qemu_pids(), "QEMU outlived Ctrl-C on harness up"
     assert not any(up.runtime.iterdir())
+
+
+# --- hot-plug behind root ports ------------------------------------------------------------
+
+HOTPLUG = """\
+name: hotplug
+vms:
+  - name: guest0
+    memory_mib: 256
+    devices:
+      - {kind: virtio-net, id: net0}
+      - {kind: virtio-blk, id: disk0, hotplug: true}
+      - {kind: virtio-net, id: net1, ssh: false, hotplug: true}
+"""
+
+
+def _rows(up: Up, device: str) -> list[dict[str, object]]:
+    frame = json.loads(up.harness("irq", "watch", "guest0", "--count", "1", "--interval",
+                                  "0.5", "--json").stdout)
+    rows: list[dict[str, object]] = [r for r in frame["rows"] if r["device"] == device]
+    return rows
+
+
+def test_a_device_is_unplugged_and_plugged_back_with_its_vectors(tmp_path: Path) -> None:
+    up = start_up(tmp_path, HOTPLUG)
+    run_dir = up.run_dir
+    pids = qemu_pids(parent=up.proc.pid)
+    devices = {d["id"]: d["bdf"] for d in up.session()["vms"][0]["devices"]}  # type: ignore[index]
+    assert devices == {"net0": "0000:00:03.0", "disk0": "0000:01:00.0",
+                       "net1": "0000:02:00.0"}
+    before = _rows(up, "net1")
+    assert [r["name"] for r in before] == ["virtio2-config", "virtio2-input.0",
+                                           "virtio2-output.0"]
+
+    done = up.harness("hotplug", "guest0", "unplug", "net1", timeout=120)
+    assert done.stdout.startswith("unplug guest0/net1 (0000:02:00.0)")
+    assert "virtio2-input.0" in done.stdout
+    assert _rows(up, "net1") == [], "the guest has no vector of net1 any more"
+    buses = json.loads(up.harness("qmp", "guest0", "query-pci").stdout)
+    assert "net1" not in {d["qdev_id"] for b in buses for d in b["devices"]}
+
+    done = up.harness("hotplug", "guest0", "plug", "net1", timeout=120)
+    assert "vectors that came" in done.stdout and "virtio2-input.0" in done.stdout
+    up.harness("ssh", "guest0", "--", "ping", "-q", "-c", "20", "-i", "0.05", "10.0.3.2")
+    after = {r["name"]: r for r in _rows(up, "net1")}
+    assert int(after["virtio2-input.0"]["total"]) >= 20  # type: ignore[call-overload]
+
+    # device_del by hand on the people's QMP works too (a root port), and hotplug plugs back
+    up.harness("qmp", "guest0", "device_del", "id=disk0")
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and _rows(up, "disk0"):
+        time.sleep(0.5)
+    assert _rows(up, "disk0") == []
+    up.harness("hotplug", "guest0", "plug", "disk0", timeout=120)
+    assert len(_rows(up, "disk0")) == 3
+    # refusals: the SSH NIC sits on the root bus, a device plugged in already
+    done = up.harness("hotplug", "guest0", "unplug", "net0", check=False)
+    assert done.returncode == 2 and "root bus" in done.stderr
+    done = up.harness("hotplug", "guest0", "plug", "net1", check=False)
+    assert done.returncode == 2 and "plugged in already" in done.stderr
+
+    rest = stop_up(up)
+    assert up.proc.returncode == 0, rest
+    assert not pids & qemu_pids()
+    report = json.loads((run_dir / "report.json").read_text())
+    net1 = {v["name"]: v for v in report["vectors"] if v["device"] == "net1"}
+    assert net1["virtio2-input.0"]["bdf"] == "0000:02:00.0"
+    assert net1["virtio2-input.0"]["evidence"]["guest_delta"] >= 20
+    events = [json.loads(line) for line in (run_dir / "hotplug.jsonl").read_text().splitlines()]
+    assert [(e["device"], e["action"]) for e in events] == [
+        ("net1", "unplug"), ("net1", "plug"), ("disk0", "plug")]
+
+
+ARCHES = [pytest.param("x86_64", id="x86_64"),
+          pytest.param("arm64", id="arm64", marks=pytest.mark.system(arch="arm64"))]
+
+
+@pytest.mark.parametrize("arch", ARCHES)
+def test_a_scenario_replugs_a_nic_behind_a_root_port(tmp_path: Path, arch: str) -> None:
+    """q35 and virt alike: the predicted address behind the port is the guest's, a workload
+    unplugs and plugs the NIC back, and the vectors it has after are judged."""
+    scenario = tmp_path / "replug.yaml"
+    scenario.write_text(
+        f"name: replug\nvms:\n  - name: g\n    arch: {arch}\n    memory_mib: 256\n"
+        "    devices:\n      - {kind: virtio-net, id: net0}\n"
+        "      - {kind: virtio-net, id: net1, ssh: false, hotplug: true}\n"
+        "workloads:\n  - {vm: g, hotplug: {device: net1, pause_s: 0.5}, timeout_s: 120}\n"
+        "  - {vm: g, run: [ping, -q, -c, '30', -i, '0.05', 10.0.3.2]}\n"
+        "expect:\n  - {vm: g, device: net1, path: emulated, vectors: ['*-input.*'],"
+        " min_delta: 30}\n")
+    done = subprocess.run([sys.executable, "-m", "harness.cli", "run", str(scenario), "--out",
+                           str(tmp_path / "runs")], cwd=REPO, capture_output=True, text=True,
+                          timeout=600, check=False)
+    assert done.returncode == 0, done.stdout + done.stderr[-3000:]
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    report = json.loads((run_dir / "report.json").read_text())
+    net1 = [v for v in report["vectors"] if v["device"] == "net1"]
+    assert {v["bdf"] for v in net1} == {"0000:01:00.0"}
+    replug = next(w for w in report["workloads"] if w["name"] == "hotplug replug net1")
+    assert replug["exit_status"] == 0
+    assert "unplug g/net1 (0000:01:00.0)" in replug["output_tail"]
+    assert "plug g/net1 (0000:01:00.0)" in replug["output_tail"]
