@@ -97,7 +97,9 @@ def suite(report: dict[str, Any], runner: str | None = None, lab: str | None = N
           name: str | None = None) -> ET.Element:
     """One testsuite for one run (a normalised report, see ``runs.normalise``)."""
     scenario = report["scenario"]["name"]
-    hostname = runner or report["host"]["hostname"]
+    inside = report.get("lab") or {}  # a run in the virtual lab that names its runner
+    hostname = runner or inside.get("runner") or report["host"]["hostname"]
+    lab = lab or inside.get("l1")
     classname = f"harness.{scenario}"
     el = ET.Element("testsuite", name=name or classname, hostname=hostname)
     stamp = _timestamp(report.get("started"))

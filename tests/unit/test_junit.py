@@ -156,3 +156,5 @@ def test_a_run_inside_the_lab_names_its_runner(tmp_path: Path,
     (tmp_path / "report.json").write_text(json.dumps(report))
     (run,) = load_runs([tmp_path])
     assert (run.runner, run.column) == ("gicv4-box", "gicv4-box (lab)")
+    suite = parsed(report, tmp_path)  # the run's own junit.xml, written inside the lab
+    assert suite.hostname == "gicv4-box" and "virtual lab" in properties(suite)["lab"]
