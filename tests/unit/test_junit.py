@@ -158,3 +158,23 @@ def test_a_run_inside_the_lab_names_its_runner(tmp_path: Path,
     assert (run.runner, run.column) == ("gicv4-box", "gicv4-box (lab)")
     suite = parsed(report, tmp_path)  # the run's own junit.xml, written inside the lab
     assert suite.hostname == "gicv4-box" and "virtual lab" in properties(suite)["lab"]
+
+
+def test_a_run_that_errored_is_an_error_case_with_its_console(tmp_path: Path) -> None:
+    report = load("smoke-every-queue.json")
+    # As a run that QEMU failed would write it: an error, what was measured until then.
+    report["error"] = {"type": "GuestError", "message": "guest0: the guest did not boot"}
+    suite = parsed(report, tmp_path)
+    case = next(c for c in suite if c.name == "run")
+    assert isinstance(case.result[0], junitparser.Error)
+    assert case.result[0].message == "guest0: the guest did not boot"
+    tail = next(iter(report["console_tails"].values())).splitlines()[-1]
+    assert tail in (case.result[0].text or "")
+    from harness.report import page
+    from harness.report.merge import merge
+    from harness.report.runs import load_runs
+
+    (tmp_path / "r").mkdir()
+    (tmp_path / "r" / "report.json").write_text(json.dumps(report))
+    html = page.render(merge(load_runs([tmp_path / "r"])), "t")
+    assert "error: guest0: the guest did not boot" in html
