@@ -72,6 +72,17 @@ def _vector_paths(runs: list[Run]) -> dict[str, list[str]]:
     return paths
 
 
+def _numbers(runs: list[Run]) -> dict[str, str]:
+    """Each vector's counts in the cell's last run: the evidence behind its path."""
+    out = {}
+    for run in runs:
+        for v in run.report["vectors"]:
+            host = v["evidence"]["host_delta"]
+            out[v["key"]] = f"guest {v['evidence']['guest_delta']}" + (
+                f", host {host}" if host is not None else "")
+    return out
+
+
 def _judged(runs: list[Run]) -> set[str]:
     return {k for run in runs for e in run.report["expectations"] for k in e["selected"]}
 
@@ -189,12 +200,15 @@ def compare(old: Sequence[Run], new: Sequence[Run],
             continue
         judged = _judged(mine) | _judged(theirs)
         old_paths, new_paths = _vector_paths(theirs), _vector_paths(mine)
+        old_numbers, new_numbers = _numbers(theirs), _numbers(mine)
         for key in sorted(set(old_paths) | set(new_paths)):
             a, b = old_paths.get(key), new_paths.get(key)
             if a == b:
                 continue
             was, now = " / ".join(a or ["absent"]), " / ".join(b or ["absent"])
             text = f"{key} {was} -> {now}"
+            counts = (old_numbers.get(key, "absent"), new_numbers.get(key, "absent"))
+            text += f" ({counts[0]} -> {counts[1]})"
             if b is not None and len(b) > 1:
                 changes.append(Change("flaky", where, f"{text} (tonight's runs disagree)",
                                       False, s, h, key))

@@ -43,7 +43,7 @@ def test_a_changed_path_is_printed_first_and_fails(capsys: pytest.CaptureFixture
     assert main(["report", "diff", str(N1), str(N2)]) == 1
     lines = capsys.readouterr().out.splitlines()
     assert lines[0] == ("PATH      lab-arm-posted on arm-runner (lab): l2/nic#1 posted -> "
-                        "irqfd-bounce")
+                        "irqfd-bounce (guest 202, host 0 -> guest 202, host 202)")
     assert lines[-1].startswith("REGRESSION: 1 regression(s)")
 
 
