@@ -220,11 +220,12 @@ class Timeouts:
 class LabDevice:
     """The emulated device L1 has at 0000:00:05.0 for its guests to assign, behind its IOMMU."""
 
-    kind: Literal["virtio-net", "e1000e", "virtio-blk"] = field(
+    kind: Literal["virtio-net", "e1000e", "virtio-blk", "ahci"] = field(
         default="virtio-net", metadata=doc(
-        "virtio-net (MSI-X: config, one vector per queue), e1000e (MSI-X, MSI or INTx, as the "
-        "L2 driver chooses: e1000e.IntMode=0/1/2 on L2's command line) or virtio-blk (MSI-X, "
-        "one request queue per queues; L1 gives it a 16 MiB scratch disk)"))
+        "virtio-net (MSI-X: config, one vector per queue), e1000e (MSI-X: rx, tx, other; or "
+        "INTx with e1000e.IntMode=0 on L2's command line), virtio-blk (MSI-X, a vector per "
+        "request queue) or ahci (ICH9 AHCI: plain MSI, one vector; L2 needs the "
+        "debian-generic recipe); a disk reads zeroes from a 16 MiB null device"))
     vectors: int | None = field(default=None, metadata=doc(
         "virtio: the MSI-X table size (vectors=); fewer than the queues need makes the "
         "driver share one vector among the queues", minimum=1, maximum=64))

@@ -275,11 +275,15 @@ def _lab_device(platform: Platform, device: LabDevice, slot: int) -> list[str]:
         options.update(lab.virtio_options)
         options["vectors"] = device.vectors
     options["addr"] = f"0x{slot:02x}"
+    # A disk has no file behind it: the null driver reads zeroes, so L2's reads cost no I/O.
+    disk = ["-blockdev", "driver=null-co,node-name=labdisk,size=16777216,read-zeroes=on"]
     if device.kind == "virtio-blk":
-        # No file behind it: the null driver reads zeroes, so L2's reads cost no host I/O.
-        return ["-blockdev", "driver=null-co,node-name=labdisk,size=16777216,read-zeroes=on",
-                "-device", qemu_options("virtio-blk-pci", {
-                    "drive": "labdisk", "num-queues": device.queues, **options})]
+        return disk + ["-device", qemu_options("virtio-blk-pci", {
+            "drive": "labdisk", "num-queues": device.queues, **options})]
+    if device.kind == "ahci":
+        # ICH9's AHCI has plain MSI only (one vector): the lab's MSI case.
+        return disk + ["-device", qemu_options("ich9-ahci", {"id": "labahci", **options}),
+                       "-device", "ide-hd,drive=labdisk,bus=labahci.0"]
     nic = {"virtio-net": "virtio-net-pci", "e1000e": "e1000e"}[device.kind]
     return ["-netdev", "user,id=labnet",
             "-device", qemu_options(nic, {"netdev": "labnet", "mac": device_mac("lab", slot),

@@ -43,7 +43,8 @@ def format_summary(result: RunResult) -> str:
     if result.host.wiring or result.host.notes:
         out.append("")
         for wire in result.host.wiring:
-            out.append(f"  host {wire['bdf']} entry {wire['entry']}: {wire['summary']}")
+            where = source_text(str(wire.get("kind", "")), wire.get("entry"))
+            out.append(f"  host {wire['bdf']} {where}: {wire['summary']}")
         for note in result.host.notes:
             out.append(f"  host: {note}")
     if result.workloads:
