@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import re
 import shlex
+import socket
 import subprocess
 import sys
 import time
@@ -81,6 +82,8 @@ _JOB_HEAD = """#!/bin/sh
 export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
 export HOME=/root LANG=C.UTF-8 PYTHONUNBUFFERED=1 HARNESS_PINNED_IMAGES=/lab/images.json
 export PYTHONPATH={repo}
+# The reports written in here name the machine that ran the lab as their runner.
+export HARNESS_LAB_RUNNER={runner}
 hostname lab-l1
 ip link set lo up
 mkdir -p /dev/pts /dev/shm
@@ -103,7 +106,8 @@ sleep 60
 def run_job(argv: list[str]) -> str:
     """A job that runs ``argv`` in L1, logs it to /lab/l1-job.log and keeps its exit status."""
     command = shlex.join(argv)
-    return (_JOB_HEAD.format(repo=shlex.quote(str(repo_root())))
+    return (_JOB_HEAD.format(repo=shlex.quote(str(repo_root())),
+                             runner=shlex.quote(socket.gethostname() or "unknown"))
             + 'echo "harness-lab: job start $(cut -d" " -f1 /proc/uptime)"\n'
             + f"{{ {command}; echo $? > /lab/exit-status; }} 2>&1 | tee /lab/l1-job.log\n"
             + 'echo "harness-lab: job end $(cut -d" " -f1 /proc/uptime)"\n'
@@ -111,7 +115,8 @@ def run_job(argv: list[str]) -> str:
 
 
 def shell_job() -> str:
-    return (_JOB_HEAD.format(repo=shlex.quote(str(repo_root())))
+    return (_JOB_HEAD.format(repo=shlex.quote(str(repo_root())),
+                             runner=shlex.quote(socket.gethostname() or "unknown"))
             + 'echo "harness-lab: shell (exit to power L1 off)"\n'
             + "setsid -c /bin/bash -l\n" + _JOB_TAIL)
 
