@@ -26,6 +26,7 @@ from harness.config.model import DEFAULT_LAB_DEVICE, LabDevice
 from harness.errors import GuestError, HarnessError, LaunchError
 from harness.images.builder import GuestImage, cache_root, ensure_image, repo_root
 from harness.images.userland import ensure_userland
+from harness.lab.direct_boot import direct_kernel
 from harness.platform import Platform, host_platform
 from harness.qemu.argv import LabShare, channel_args, die_with_harness, lab_host_argv
 from harness.qemu.machine import Machine
@@ -53,6 +54,7 @@ class LabSetup:
     root: Path  # shared read-only as L1's root (under a tmpfs overlay)
     python: str  # the Python that runs the harness in L1
     same_path: tuple[Path, ...]  # outer folders L1 mounts at the same paths
+    kernel: Path | None = None  # what QEMU boots: the image's kernel, or its PVH vmlinux
 
     @property
     def own_root(self) -> bool:
@@ -73,24 +75,29 @@ def l1_argv(setup: LabSetup, share: Path, append: str = "",
         shares.append(LabShare(f"outer{i}", path, readonly=True, slot=slot))
         words.append(f"harness.share=outer{i}:{path}")
     extra = " ".join([*words, append]).strip()
-    return lab_host_argv(setup.platform, setup.image.kernel, setup.image.initrd, shares,
+    return lab_host_argv(setup.platform, setup.kernel or setup.image.kernel,
+                         setup.image.initrd, shares,
                          LAB_DEVICE_SLOT, memory_mib, cpus, extra, device)
 
 
 _JOB_HEAD = """#!/bin/sh
 # Written by `harness lab`; run by L1's init as PID 1.  L1 powers off when it ends.
-export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
+export PATH=/lab/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
 export HOME=/root LANG=C.UTF-8 PYTHONUNBUFFERED=1 HARNESS_PINNED_IMAGES=/lab/images.json
 export PYTHONPATH={repo}
 # The reports written in here name the machine that ran the lab as their runner.
 export HARNESS_LAB_RUNNER={runner}
-hostname lab-l1
-ip link set lo up
-mkdir -p /dev/pts /dev/shm
-mount -t devpts devpts /dev/pts
-mount -t tmpfs tmpfs /dev/shm
-mountpoint -q /sys/kernel/debug || mount -t debugfs debugfs /sys/kernel/debug
-mountpoint -q /sys/kernel/tracing || mount -t tracefs tracefs /sys/kernel/tracing
+# L1's init did these with its busybox, from RAM (each program run from the 9p root costs
+# TCG a moment); an older init left them to the job.
+if [ ! -e /sys/kernel/tracing/trace ]; then
+    hostname lab-l1
+    ip link set lo up
+    mkdir -p /dev/pts /dev/shm
+    mount -t devpts devpts /dev/pts
+    mount -t tmpfs tmpfs /dev/shm
+    mountpoint -q /sys/kernel/debug || mount -t debugfs debugfs /sys/kernel/debug
+    mountpoint -q /sys/kernel/tracing || mount -t tracefs tracefs /sys/kernel/tracing
+fi
 cd {repo}
 """
 
@@ -109,16 +116,39 @@ def run_job(argv: list[str]) -> str:
     return (_JOB_HEAD.format(repo=shlex.quote(str(repo_root())),
                              runner=shlex.quote(socket.gethostname() or "unknown"))
             + 'echo "harness-lab: job start $(cut -d" " -f1 /proc/uptime)"\n'
+            # A heartbeat on the console: an L1 that stops printing it has hung (nested
+            # virtualization under TCG sometimes does, silently), see _follow.
+            + f'( while sleep {HEARTBEAT_S}; do echo "harness-lab: alive '
+            + '$(cut -d" " -f1 /proc/uptime)"; done ) &\n'
             + f"{{ {command}; echo $? > /lab/exit-status; }} 2>&1 | tee /lab/l1-job.log\n"
             + 'echo "harness-lab: job end $(cut -d" " -f1 /proc/uptime)"\n'
             + _JOB_TAIL)
+
+
+# The shell's own start-up file: a login shell would read the distribution's profile and
+# bash-completion over 9p, half a minute under TCG.
+_BASHRC = """PS1='\\u@\\h:\\w\\$ '
+HISTFILE=/lab/bash_history
+alias ls='ls --color=auto' ll='ls -l'
+echo "harness, lspci and the QEMU of the host are here; exit powers L1 off"
+"""
 
 
 def shell_job() -> str:
     return (_JOB_HEAD.format(repo=shlex.quote(str(repo_root())),
                              runner=shlex.quote(socket.gethostname() or "unknown"))
             + 'echo "harness-lab: shell (exit to power L1 off)"\n'
-            + "setsid -c /bin/bash -l\n" + _JOB_TAIL)
+            + "setsid -c /bin/bash --noprofile --rcfile /lab/bashrc -i\n" + _JOB_TAIL)
+
+
+def _write_tools(share: Path, python: str) -> None:
+    """``harness`` for L1's PATH (/lab/bin: the run folder), and the shell's start-up file."""
+    bin_dir = share / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    wrapper = bin_dir / "harness"
+    wrapper.write_text(f"#!/bin/sh\nexec {shlex.quote(python)} -m harness.cli \"$@\"\n")
+    wrapper.chmod(0o755)
+    (share / "bashrc").write_text(_BASHRC)
 
 
 @dataclass
@@ -142,14 +172,17 @@ def prepare(progress: Progress, share: Path, platform: Platform) -> LabSetup:
     guests = {name: str(ensure_image(name, platform, progress=progress).folder)
               for name in platform.recipes}
     (share / "images.json").write_text(json.dumps(guests) + "\n")
+    kernel = direct_kernel(image.kernel, image.key, cache_root() / "lab-kernels")
     if platform.lab.userland is None:
         if platform is not host_platform():
             raise HarnessError(f"the {platform.arch} lab needs a user space for L1 (this "
                                f"machine's root is {host_platform().arch})")
-        return LabSetup(platform, image, Path("/"), sys.executable, ())
+        _write_tools(share, sys.executable)
+        return LabSetup(platform, image, Path("/"), sys.executable, (), kernel)
     userland = ensure_userland(platform.lab.userland, platform, progress)
+    _write_tools(share, "python3")
     return LabSetup(platform, image, userland.root, "python3",
-                    (repo_root(), cache_root() / "images"))
+                    (repo_root(), cache_root() / "images"), kernel)
 
 
 @dataclass(frozen=True)
@@ -233,6 +266,8 @@ def run_in_lab(platform: Platform, boots: list[LabBoot], run_dir: Path, progress
 # within half a minute.  Such an L1 is booted again, once; the hang is noted in the result.
 _LOCKUP = re.compile(r"watchdog: BUG: soft lockup|rcu: INFO: rcu_\w+ self-detected stall")
 LOCKUP_ATTEMPTS = 2
+HEARTBEAT_S = 10  # the job prints "harness-lab: alive" this often
+SILENCE_S = 120.0  # no console line for this long: L1 has hung
 
 
 class L1LockedUp(LaunchError):
@@ -245,10 +280,16 @@ def _follow(machine: Machine, progress: Progress, timeout: float) -> None:
     assert machine.console is not None
     deadline = time.monotonic() + timeout
     seen = 0
+    heard = time.monotonic()
     while machine.is_alive():
-        if time.monotonic() > deadline:
+        now = time.monotonic()
+        if now > deadline:
             raise LaunchError("lab-l1", f"the job did not finish within {timeout:g} s",
                               machine.argv)
+        if now - heard > SILENCE_S:
+            raise L1LockedUp(machine.name, f"L1 locked up: not a console line for "
+                             f"{now - heard:.0f} s (its heartbeat comes every {HEARTBEAT_S} s)",
+                             machine.argv)
         try:
             machine.console.wait_for(r"^harness-lab: job end", 1.0, "the job's end")
         except GuestError:
@@ -260,6 +301,8 @@ def _follow(machine: Machine, progress: Progress, timeout: float) -> None:
                                  machine.argv)
             if line.text.startswith("[") and "] " in line.text[:12]:
                 progress(f"L1 {line.text}")
+        if lines:
+            heard = time.monotonic()
         seen = lines[-1].number + 1 if lines else seen
         if any(ln.text.startswith("harness-lab: job end") for ln in lines):
             break
