@@ -219,7 +219,13 @@ def test_arm_lab_gives_posted_userspace_and_irqfd_verdicts_from_the_evidence(
     assert code == 0, out
     (run_dir,) = tmp_path.iterdir()
     found = reports(run_dir)
-    assert sorted(found) == ["lab-arm-irqfd", "lab-arm-posted", "lab-arm-userspace"]
+    assert sorted(found) == ["lab-arm-intx", "lab-arm-irqfd", "lab-arm-posted",
+                             "lab-arm-userspace"]
+    # INTx on a host that posts MSIs: an SPI through a resample irqfd, never posted.
+    (intx,) = [v for v in found["lab-arm-intx"]["vectors"] if v["device"] == "nic"
+               and v["evidence"]["guest_delta"] > 0]
+    assert (intx["kind"], intx["path"]) == ("intx", "irqfd-bounce"), intx
+    assert intx["evidence"]["wiring"]["resample"] is True, intx
     for name, path in (("lab-arm-posted", "posted"), ("lab-arm-userspace", "userspace-bounce"),
                        ("lab-arm-irqfd", "irqfd-bounce")):
         report = found[name]

@@ -75,6 +75,8 @@ CASES = [
      DeliveryPath.USERSPACE_BOUNCE, "msi-or-msix", 2),
     ("lab-arm64/irqfd", "lab-arm-gicv4.yaml", "lab-arm-irqfd", "nic",
      DeliveryPath.IRQFD_BOUNCE, "msi-or-msix", 2),
+    ("lab-arm64/intx", "lab-arm-gicv4.yaml", "lab-arm-intx", "nic",
+     DeliveryPath.IRQFD_BOUNCE, "intx", 1),
 ]
 
 
