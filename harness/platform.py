@@ -133,6 +133,129 @@ class LabHost:
     userland: str | None = None
 
 
+# --- the KVM probe's guest program -------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ProbePayload:
+    """A guest program of a few instructions that proves KVM runs guest code on this host.
+
+    It writes a marker to the platform's serial port, then powers the VM off, so QEMU exits 0
+    on its own.  It is assembled here by hand (each instruction documented beside its bytes):
+    no toolchain, no firmware, no kernel, so the probe answers in milliseconds.
+    """
+
+    option: str  # how QEMU loads the file: "-bios" (x86's reset vector) or "-kernel"
+    build: Callable[[bytes], bytes]  # marker -> the file's bytes
+    what: str  # one line for messages and the README
+
+
+def _rel(target: int, end: int, size: int) -> bytes:
+    """A relative jump's displacement: ``target`` minus the address after the instruction."""
+    return (target - end).to_bytes(size, "little", signed=True)
+
+
+_X86_ROM_SIZE = 0x10000  # QEMU's -bios takes whole 64 KiB units; this one is mapped at the top
+_X86_CODE = 0xFF00  # of 4 GiB, so file offset N is address 0xFFFF0000+N, i.e. CS:N at reset
+_X86_TEXT = 0xFF80  # the marker, read through CS (DS is 0 at reset)
+_X86_RESET = 0xFFF0  # the reset vector: CS base 0xFFFF0000, IP 0xFFF0, real mode
+
+
+def x86_probe_image(marker: bytes) -> bytes:
+    """16-bit real-mode code at the reset vector, as a 64 KiB -bios image.
+
+    No firmware runs: the vCPU's first instruction is ours.  It copies the marker to COM1's
+    data register (QEMU's 16550 sends a byte written there whatever the line settings),
+    then asks ICH9 for a hard reset, which ``-no-reboot`` turns into QEMU exiting 0.
+    """
+    if len(marker) + 1 > _X86_RESET - _X86_TEXT or 0 in marker:
+        raise ValueError("the probe marker must be short and hold no NUL byte")
+    loop = _X86_CODE + 8  # after cli, cld, mov dx and mov si (1 + 1 + 3 + 3 bytes)
+    done = loop + 9
+    halt = done + 6
+    code = bytes([
+        0xFA,                                   # cli             no interrupts, ever
+        0xFC,                                   # cld             lodsb counts upwards
+        0xBA, 0xF8, 0x03,                       # mov dx, 0x3f8   COM1's data register
+        0xBE, *_X86_TEXT.to_bytes(2, "little"),  # mov si, TEXT   the marker's offset
+        # loop:
+        0x2E, 0xAC,                             # cs lodsb        al = cs:[si], si += 1
+        0x84, 0xC0,                             # test al, al
+        0x74, *_rel(done, loop + 6, 1),         # jz done         NUL: the marker is out
+        0xEE,                                   # out dx, al      one byte to the UART
+        0xEB, *_rel(loop, loop + 9, 1),         # jmp loop
+        # done:
+        0xBA, 0xF9, 0x0C,                       # mov dx, 0xcf9   ICH9's reset control
+        0xB0, 0x06,                             # mov al, 6       hard reset (bit 2)
+        0xEE,                                   # out dx, al      -no-reboot: QEMU exits 0
+        # halt:
+        0xF4,                                   # hlt             (if the reset were late)
+        0xEB, *_rel(halt, halt + 3, 1),         # jmp halt
+    ])
+    assert _X86_CODE + len(code) <= _X86_TEXT and halt + 3 == _X86_CODE + len(code)
+    image = bytearray(_X86_ROM_SIZE)
+    image[_X86_CODE:_X86_CODE + len(code)] = code
+    image[_X86_TEXT:_X86_TEXT + len(marker)] = marker  # NUL-terminated by the zeroes after
+    # reset vector: jmp near CODE (E9 rel16), within the 16 bytes below 4 GiB
+    image[_X86_RESET:_X86_RESET + 3] = bytes([0xE9, *_rel(_X86_CODE, _X86_RESET + 3, 2)])
+    return bytes(image)
+
+
+def _a64_movz(rd: int, imm16: int, shift: int = 0, wide: bool = True) -> int:
+    """MOVZ Xd/Wd, #imm16, LSL #shift."""
+    return (0xD2800000 if wide else 0x52800000) | (shift // 16) << 21 | imm16 << 5 | rd
+
+
+def _a64_movk(rd: int, imm16: int, shift: int = 0, wide: bool = True) -> int:
+    """MOVK Xd/Wd, #imm16, LSL #shift."""
+    return (0xF2800000 if wide else 0x72800000) | (shift // 16) << 21 | imm16 << 5 | rd
+
+
+def _a64_adr(rd: int, offset: int) -> int:
+    """ADR Xd, pc+offset."""
+    return 0x10000000 | (offset & 3) << 29 | ((offset >> 2) & 0x7FFFF) << 5 | rd
+
+
+def _a64_b(offset: int) -> int:
+    """B pc+offset."""
+    return 0x14000000 | (offset >> 2) & 0x3FFFFFF
+
+
+def _a64_cbz(rt: int, offset: int) -> int:
+    """CBZ Wt, pc+offset."""
+    return 0x34000000 | ((offset >> 2) & 0x7FFFF) << 5 | rt
+
+
+_PL011 = 0x09000000  # the virt machine's PL011 UART (QEMU's memory map)
+_PSCI_SYSTEM_OFF = 0x84000008
+
+
+def arm64_probe_image(marker: bytes) -> bytes:
+    """AArch64 code loaded raw by ``-kernel`` and entered at EL1 with the MMU off.
+
+    It enables the PL011 and copies the marker to its data register, then calls PSCI
+    SYSTEM_OFF through HVC (the conduit of QEMU's own PSCI and of KVM's), so QEMU exits 0.
+    """
+    if 0 in marker:
+        raise ValueError("the probe marker must hold no NUL byte")
+    words = [
+        _a64_movz(1, _PL011 >> 16, 16),          # 0x00 movz x1, #0x0900, lsl 16  the UART
+        _a64_movz(4, 0x301, wide=False),         # 0x04 movz w4, #0x301   UARTEN|TXE|RXE
+        0xB9003024,                              # 0x08 str w4, [x1, #0x30]  UARTCR
+        _a64_adr(2, 0x34 - 0x0C),                # 0x0c adr x2, text      the marker
+        0x38401443,                              # 0x10 loop: ldrb w3, [x2], #1
+        _a64_cbz(3, 0x20 - 0x14),                # 0x14 cbz w3, done      NUL: all out
+        0x39000023,                              # 0x18 strb w3, [x1]     UARTDR: one byte
+        _a64_b(0x10 - 0x1C),                     # 0x1c b loop
+        _a64_movz(0, _PSCI_SYSTEM_OFF & 0xFFFF, wide=False),        # 0x20 done: w0 = ...
+        _a64_movk(0, _PSCI_SYSTEM_OFF >> 16, 16, wide=False),       # 0x24 ... SYSTEM_OFF
+        0xD4000002,                              # 0x28 hvc #0            power off
+        0xD503207F,                              # 0x2c halt: wfi         (if it returned)
+        _a64_b(-4),                              # 0x30 b halt
+    ]
+    return b"".join(w.to_bytes(4, "little") for w in words) + marker + b"\0"
+
+
 # --- platforms ------------------------------------------------------------------------------
 
 
@@ -163,6 +286,7 @@ class Platform:
     kvm_vendor_modules: tuple[str, ...]  # KVM needs one of these loaded (none: KVM itself)
     boot_log: re.Pattern[str]  # kernel log lines only a host of this architecture prints
     lab: LabHost
+    kvm_probe: ProbePayload  # the guest program that tests whether KVM runs guest code
     nic_options: Mapping[str, str] = field(default_factory=dict)  # on every emulated NIC
 
     def __repr__(self) -> str:
@@ -202,6 +326,9 @@ X86_64 = Platform(
         device_options=_frozen(romfile=""),
         virtio_options=_frozen(iommu_platform="on", ats="on", **{"disable-legacy": "on"}),
         what="TCG, SVM, VT-d with IRQ remapping", recipe="lab-host"),
+    kvm_probe=ProbePayload("-bios", x86_probe_image,
+                           "26 bytes of real-mode code at the reset vector (a 64 KiB -bios "
+                           "image): the marker to COM1, then a reset through port 0xcf9"),
 )
 
 ARM64 = Platform(
@@ -230,6 +357,9 @@ ARM64 = Platform(
         virtio_options=_frozen(iommu_platform="on", **{"disable-legacy": "on"}),
         what="TCG at EL2, GICv4, SMMUv3", recipe="lab-host-arm64",
         userland="lab-host-arm64"),
+    kvm_probe=ProbePayload("-kernel", arm64_probe_image,
+                           "13 AArch64 instructions loaded raw by -kernel: the marker to the "
+                           "PL011, then PSCI SYSTEM_OFF through HVC"),
     # No firmware loads option ROMs on this machine: do not ask QEMU to find one.
     nic_options=_frozen(romfile=""),
 )

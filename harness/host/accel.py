@@ -1,9 +1,12 @@
-"""Decide the accelerator: KVM only if it can really run a guest here, else TCG.
+"""Decide the accelerator: KVM only if it can really run guest code here, else TCG.
 
-``/dev/kvm`` existing proves little: on some hosts a stock guest kernel hangs under it, or
-``-cpu host`` fails to set an MSR.  The probe boots the guest kernel itself under KVM and waits
-for the kernel's first console line.  The answer is cached per host boot (``boot_id``), QEMU
-binary and kernel, so only the first run on a host pays for it.
+``/dev/kvm`` existing proves little: on some hosts QEMU cannot set up a vCPU under KVM
+(``-cpu host`` fails to set an MSR), or the vCPU never runs.  The probe runs the platform's
+probe program (:class:`~harness.platform.ProbePayload`: a few hand-assembled instructions
+that write a marker to the serial port and power the VM off) under KVM, and KVM is usable if
+the marker comes back.  No kernel boots, so the answer takes milliseconds, and at most
+:data:`PROBE_TIMEOUT_S` whatever the host.  A definite answer is cached per host boot
+(``boot_id``), QEMU binary and program.
 """
 
 from __future__ import annotations
@@ -26,8 +29,11 @@ from harness.qemu.argv import die_with_harness, kvm_probe_argv
 
 log = logging.getLogger(__name__)
 
-PROBE_TIMEOUT_S = 8.0
-_KERNEL_ALIVE = b"Linux version"
+#: The longest the probe waits for the marker (QEMU's start included).
+PROBE_TIMEOUT_S = 1.0
+#: What the probe program writes to the serial port.
+PROBE_MARKER = b"HARNESS-KVM-PROBE-OK\n"
+_CACHE_VERSION = 2  # the probe program replaced the guest kernel
 
 
 @dataclass(frozen=True)
@@ -42,6 +48,22 @@ class KvmProbe:
     usable: bool
     reason: str
     seconds: float
+    definite: bool = True  # False: nothing came back in time (not cached: load may be why)
+
+
+@dataclass(frozen=True)
+class ProbeRun:
+    """What one run of the probe program under an accelerator gave."""
+
+    argv: tuple[str, ...]
+    output: bytes  # the serial port
+    errors: bytes  # QEMU's stderr
+    exit_status: int | None  # None: still running at the deadline or at the marker (killed)
+    seconds: float
+
+    @property
+    def marker_seen(self) -> bool:
+        return PROBE_MARKER in self.output
 
 
 def kvm_device_problem(dev: Path = Path("/dev/kvm")) -> str | None:
@@ -52,29 +74,29 @@ def kvm_device_problem(dev: Path = Path("/dev/kvm")) -> str | None:
     return None
 
 
-def probe_kvm(platform: Platform, qemu: str | None, kernel: Path,
-              timeout: float = PROBE_TIMEOUT_S) -> KvmProbe:
-    """Boot ``kernel`` under KVM with no initramfs; usable if it prints its banner in time."""
-    problem = kvm_device_problem()
-    if problem:
-        return KvmProbe(False, problem, 0.0)
-    argv = kvm_probe_argv(platform, qemu, kernel)
-    qemu = argv[0]
-    started = time.monotonic()
+def run_probe_program(platform: Platform, qemu: str | None, accel: str = "kvm",
+                      timeout: float = PROBE_TIMEOUT_S, until_exit: bool = False) -> ProbeRun:
+    """Run the platform's probe program under ``accel``: until its marker is on the serial
+    port (or, with ``until_exit``, until QEMU exits), QEMU exits or ``timeout`` passes.
+    The program is handed to QEMU as a memfd (``/dev/fd/N``): nothing on the filesystem.
+    Raises OSError if QEMU cannot be started."""
+    fd = os.memfd_create("harness-kvm-probe", os.MFD_CLOEXEC)
     try:
+        os.write(fd, platform.kvm_probe.build(PROBE_MARKER))
+        argv = kvm_probe_argv(platform, qemu, f"/dev/fd/{fd}", accel)
+        started = time.monotonic()
         proc = subprocess.Popen(  # noqa: S603 - argv list, no shell
-            die_with_harness(argv), stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, process_group=0)
-    except OSError as exc:
-        return KvmProbe(False, f"cannot run {qemu}: {exc.strerror}", 0.0)
-    seen = b""
-    errors = b""
+            die_with_harness(argv), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE, process_group=0, pass_fds=(fd,))
+    finally:
+        os.close(fd)
+    output = errors = b""
     try:
         assert proc.stdout is not None and proc.stderr is not None
         with selectors.DefaultSelector() as sel:
             sel.register(proc.stdout, selectors.EVENT_READ)
             sel.register(proc.stderr, selectors.EVENT_READ)
-            while _KERNEL_ALIVE not in seen and sel.get_map():
+            while sel.get_map() and (until_exit or PROBE_MARKER not in output):
                 remaining = started + timeout - time.monotonic()
                 if remaining <= 0:
                     break
@@ -83,57 +105,94 @@ def probe_kvm(platform: Platform, qemu: str | None, kernel: Path,
                     if not chunk:
                         sel.unregister(key.fileobj)
                     elif key.fileobj is proc.stdout:
-                        seen += chunk
+                        output = (output + chunk)[-65536:]
                     else:
-                        errors += chunk
+                        errors = (errors + chunk)[-65536:]
+            closed = not sel.get_map()  # both pipes at EOF: QEMU is exiting
+        # Exited, or killed below: an exit status only for a QEMU that ended on its own.
+        status = proc.wait(timeout=max(0.1, started + timeout - time.monotonic())) \
+            if closed else proc.poll()
+    except subprocess.TimeoutExpired:
+        status = None
     finally:
         try:
             os.killpg(proc.pid, 9)
         except ProcessLookupError:
             pass
         proc.wait()
-        proc.stdout.close() if proc.stdout else None
-        proc.stderr.close() if proc.stderr else None
-    seconds = time.monotonic() - started
-    if _KERNEL_ALIVE in seen:
-        return KvmProbe(True, f"a guest kernel booted under KVM in {seconds:.1f} s", seconds)
-    message = errors.decode(errors="replace").strip().splitlines()
+        for pipe in (proc.stdout, proc.stderr):
+            if pipe is not None:
+                pipe.close()
+    return ProbeRun(tuple(argv), output, errors, status, time.monotonic() - started)
+
+
+def probe_kvm(platform: Platform, qemu: str | None,
+              timeout: float = PROBE_TIMEOUT_S) -> KvmProbe:
+    """Run the probe program under KVM: usable if its marker reaches the serial port."""
+    problem = kvm_device_problem()
+    if problem:
+        return KvmProbe(False, problem, 0.0)
+    binary = qemu or platform.qemu
+    if shutil.which(binary) is None:
+        return KvmProbe(False, f"{binary} is not installed, so KVM cannot be probed", 0.0)
+    try:
+        run = run_probe_program(platform, binary, "kvm", timeout)
+    except OSError as exc:
+        return KvmProbe(False, f"cannot run {binary}: {exc.strerror}", 0.0)
+    ms = run.seconds * 1000
+    if run.marker_seen:
+        return KvmProbe(True, f"a guest program ran under KVM and wrote to the serial port "
+                        f"in {ms:.0f} ms", run.seconds)
+    message = run.errors.decode(errors="replace").strip().splitlines()
     if message:
         return KvmProbe(False, f"QEMU with -accel kvm -cpu host failed: {message[-1]}",
-                        seconds)
-    return KvmProbe(False, f"a guest kernel printed nothing under KVM within {timeout:.0f} s "
-                    "(/dev/kvm exists but cannot run this guest)", seconds)
+                        run.seconds)
+    if run.exit_status is not None:
+        return KvmProbe(False, f"QEMU exited {run.exit_status} under KVM before the guest "
+                        "program wrote anything to the serial port", run.seconds)
+    return KvmProbe(False, f"a guest program wrote nothing under KVM within {timeout:g} s "
+                    "(/dev/kvm exists but runs no guest code)", run.seconds, definite=False)
 
 
-def _cache_key(qemu: str | None, kernel: Path) -> str:
+def _cache_key(platform: Platform, qemu: str) -> str:
+    """This host boot, this QEMU binary (an upgrade changes it) and this probe program."""
     boot_id = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
-    digest = hashlib.sha256(boot_id.encode())
-    digest.update((qemu or "").encode())
-    stat = kernel.stat()
-    digest.update(f"{kernel}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+    digest = hashlib.sha256(f"{_CACHE_VERSION}:{boot_id}:{platform.arch}".encode())
+    path = shutil.which(qemu) or qemu
+    try:
+        stat = Path(path).resolve().stat()
+        digest.update(f"{Path(path).resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+    except OSError:
+        digest.update(path.encode())
+    digest.update(platform.kvm_probe.build(PROBE_MARKER))
     return digest.hexdigest()[:16]
 
 
-def cached_probe_kvm(platform: Platform, qemu: str | None, kernel: Path,
-                     cache_dir: Path) -> KvmProbe:
+def cached_probe_kvm(platform: Platform, qemu: str | None, cache_dir: Path) -> KvmProbe:
+    """:func:`probe_kvm`, its definite answers kept in ``cache_dir/kvm-probe.json`` for this
+    host boot; an answer that was only "nothing in time" is asked again next time."""
+    binary = qemu or platform.qemu
     path = cache_dir / "kvm-probe.json"
-    key = _cache_key(qemu, kernel)
+    key = _cache_key(platform, binary)
     try:
         cached = json.loads(path.read_text())
         if cached.get("key") == key:
             return KvmProbe(**cached["probe"])
     except (OSError, ValueError, KeyError, TypeError):
         pass
-    probe = probe_kvm(platform, qemu, kernel)
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"key": key, "probe": asdict(probe)}))
+    probe = probe_kvm(platform, binary)
+    if probe.definite:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"key": key, "probe": asdict(probe)}))
     return probe
 
 
 def choose_accel(requested: Accel, platform: Platform, qemu: str | None, kernel: Path | None,
                  cache_dir: Path) -> AccelDecision:
-    """Resolve ``auto`` by a boot test; refuse ``kvm`` where /dev/kvm cannot be opened or the
-    guest is of another architecture than the host."""
+    """Resolve ``auto`` by the probe program; refuse ``kvm`` where /dev/kvm cannot be opened
+    or the guest is of another architecture than the host.  ``kernel`` is not used any more
+    (the probe boots no kernel); it stays for the callers that still pass one."""
+    del kernel
     if requested == Accel.TCG:
         return AccelDecision("tcg", "TCG requested by the scenario", False)
     host = host_platform()
@@ -144,17 +203,13 @@ def choose_accel(requested: Accel, platform: Platform, qemu: str | None, kernel:
             raise HostError("accel kvm", reason)
         return AccelDecision("tcg", reason, False)
     if requested == Accel.KVM:
-        # Asked for by name: no boot test, only whether KVM can be opened at all; a guest
-        # that then cannot boot fails its readiness wait with the console tail.
+        # Asked for by name: no probe, only whether KVM can be opened at all; a guest that
+        # then cannot boot fails its readiness wait with the console tail.
         problem = kvm_device_problem()
         if problem:
             raise HostError("accel kvm", problem)
-        return AccelDecision("kvm", "KVM requested by the scenario (not boot-tested)", True)
-    if kernel is None:
-        problem = kvm_device_problem()
-        probe = KvmProbe(problem is None, problem or "/dev/kvm is usable (not boot-tested)", 0)
-    else:
-        probe = cached_probe_kvm(platform, qemu, kernel, cache_dir)
+        return AccelDecision("kvm", "KVM requested by the scenario (not probed)", True)
+    probe = cached_probe_kvm(platform, qemu, cache_dir)
     if probe.usable:
         return AccelDecision("kvm", probe.reason, True)
     return AccelDecision("tcg", f"KVM not usable, falling back to TCG: {probe.reason}", False)
@@ -162,8 +217,9 @@ def choose_accel(requested: Accel, platform: Platform, qemu: str | None, kernel:
 
 def kvm_probe(kernel: Path | None = None, cache_dir: Path | None = None,
               qemu: str | None = None) -> Callable[[], KvmProbe]:
-    """The live probe for this host's platform: boot ``kernel`` (default: the host's own
-    ``/boot/vmlinuz-<release>``) under KVM, cached in ``cache_dir`` when one is given."""
+    """The live probe for this host's platform, cached in ``cache_dir`` when one is given.
+    ``kernel`` is not used any more (the probe runs its own program)."""
+    del kernel
     platform = host_platform()
 
     def probe() -> KvmProbe:
@@ -171,18 +227,8 @@ def kvm_probe(kernel: Path | None = None, cache_dir: Path | None = None,
         if problem:
             return KvmProbe(False, problem, 0.0)
         binary = qemu or platform.qemu
-        if shutil.which(binary) is None:
-            return KvmProbe(False, f"{binary} is not installed, so KVM cannot be boot-tested",
-                            0.0)
-        boot = kernel
-        if boot is None:
-            own = Path(f"/boot/vmlinuz-{os.uname().release}")
-            boot = own if own.is_file() else None
-        if boot is None:
-            return KvmProbe(True, "/dev/kvm is usable (not boot-tested: no guest kernel "
-                            "cached; run 'harness image build')", 0.0)
-        if cache_dir is None:
-            return probe_kvm(platform, binary, boot)
-        return cached_probe_kvm(platform, binary, boot, cache_dir)
+        if cache_dir is None or shutil.which(binary) is None:
+            return probe_kvm(platform, binary)
+        return cached_probe_kvm(platform, binary, cache_dir)
 
     return probe

@@ -222,11 +222,13 @@ def bare_boot_argv(platform: Platform, vm: VM, accel: str, boot: Boot, qmp_fd: i
             + boot_args(boot))
 
 
-def kvm_probe_argv(platform: Platform, qemu: str | None, kernel: Path) -> list[str]:
-    """A kernel alone under KVM, its console on stdout: does KVM really run a guest here?"""
-    return [qemu or platform.qemu, *_machine(platform, None, "kvm"), "-m", "256", *_quiet(),
-            "-serial", "stdio", "-kernel", str(kernel),
-            "-append", f"console={platform.console} {platform.early_console} panic=-1"]
+def kvm_probe_argv(platform: Platform, qemu: str | None, payload: str | Path,
+                   accel: str = "kvm") -> list[str]:
+    """The platform's probe program (:attr:`~harness.platform.Platform.kvm_probe`, in the
+    file ``payload``) alone on the machine, its serial port on stdout: does KVM really run
+    guest code here?  ``accel`` is "tcg" only to check the program itself."""
+    return [qemu or platform.qemu, *_machine(platform, None, accel), "-m", "64", *_quiet(),
+            "-serial", "stdio", platform.kvm_probe.option, str(payload)]
 
 
 # --- the lab's emulated host (L1) -----------------------------------------------------------

@@ -324,15 +324,22 @@ def test_build_argv_order_and_extra_args_last(platform: Platform) -> None:
 
 
 @BOTH
-def test_kvm_probe_boots_the_kernel_alone_on_the_platform_console(platform: Platform) -> None:
-    argv = kvm_probe_argv(platform, None, Path("/k/vmlinuz"))
+def test_kvm_probe_runs_the_platform_program_alone_on_the_serial_port(
+        platform: Platform) -> None:
+    argv = kvm_probe_argv(platform, None, "/dev/fd/5")
     assert argv[0] == platform.qemu
     assert argv[argv.index("-cpu") + 1] == "host"
     assert ",accel=kvm" in argv[argv.index("-machine") + 1]
-    assert argv[argv.index("-kernel") + 1] == "/k/vmlinuz" and "-initrd" not in argv
-    append = argv[argv.index("-append") + 1]
-    assert f"console={platform.console}" in append and platform.early_console in append
-    assert kvm_probe_argv(platform, "/opt/q", Path("/k"))[0] == "/opt/q"
+    assert argv[-2:] == [platform.kvm_probe.option, "/dev/fd/5"]
+    assert "-device" not in argv and "-append" not in argv and "-initrd" not in argv
+    assert argv[argv.index("-serial") + 1] == "stdio" and "-no-reboot" in argv
+    assert kvm_probe_argv(platform, "/opt/q", "/p")[0] == "/opt/q"
+    # Under TCG (to check the program itself) only the accelerator and CPU differ.
+    tcg = kvm_probe_argv(platform, None, "/dev/fd/5", "tcg")
+    assert ",accel=tcg" in tcg[tcg.index("-machine") + 1]
+    strip = {"-cpu", "host", platform.tcg_cpu}
+    assert [a for a in argv if a not in strip and "accel=" not in a] == [
+        a for a in tcg if a not in strip and "accel=" not in a]
 
 
 def test_x86_lab_host_has_svm_vtd_first_and_the_nic_behind_the_iommu() -> None:
