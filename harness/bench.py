@@ -4,13 +4,21 @@ The baseline is the scenario's first VM booted with the same kernel, initramfs, 
 accelerator, vCPUs and memory but no devices, its init powering off at once
 (``harness.bare=1``): launch to QEMU exit.  Machines here are noisy, so the figure that
 matters is the ratio to that baseline, measured alternately in one process.
+
+Scaling: the scenario is run again with its VMs replicated (2 and 4 copies by default, names
+suffixed ``-1``, ``-2``...; each copy keeps its own workloads and expectations), so the table
+shows how the total grows with the number of VMs: they boot side by side, their workloads
+run one after another.  The harness's own peak memory (``getrusage`` of this process; QEMU,
+a child, is counted apart) closes the figures.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import resource
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,7 +28,7 @@ from harness.qemu import argv as qargv
 from harness.qemu.machine import Machine
 from harness.result import RunResult
 from harness.runner import run_scenario
-from harness.vm import GuestVM
+from harness.vm import BootTimes, GuestVM
 
 Progress = Callable[[str], None]
 
@@ -28,20 +36,88 @@ Progress = Callable[[str], None]
 BUDGET_FACTOR = 2.0
 BUDGET_EXTRA_S = 5.0
 
+#: How many copies of the scenario's VMs the scaling table runs by default.
+DEFAULT_VM_COUNTS = (1, 2, 4)
+
+# The phases that are the boot: one VM's own (harness.vm.BootTimes), or "boot N VMs".
+_BOOT_PHASES = frozenset(name for name, _ in BootTimes().phases())
+
+
+@dataclass(frozen=True)
+class PeakMemory:
+    """Peak resident set sizes in KiB (``ru_maxrss``): the harness process's own, and the
+    largest of its children that ended (a QEMU, a setpriv, an ssh-keygen...)."""
+
+    harness_kib: int
+    largest_child_kib: int
+
+    @classmethod
+    def now(cls) -> PeakMemory:
+        return cls(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
+                   resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
+
 
 @dataclass
 class BenchResult:
     scenario: str
     bare_boots: list[float] = field(default_factory=list)
     runs: list[RunResult] = field(default_factory=list)
+    # copies of the VMs (>1) -> the runs of the scenario so replicated
+    scaled: dict[int, list[RunResult]] = field(default_factory=dict)
+    counts: tuple[int, ...] = (1,)
+    peak_after: dict[int, PeakMemory] = field(default_factory=dict)  # by copies
+    scaling_note: str = ""  # why there is no scaling table, if there is none
+    memory: PeakMemory | None = None
 
     @property
     def all_passed(self) -> bool:
-        return all(r.passed for r in self.runs)
+        return all(r.passed for r in self.runs + [r for rs in self.scaled.values() for r in rs])
 
     @property
     def bare(self) -> float:
         return statistics.median(self.bare_boots)
+
+    def runs_of(self, copies: int) -> list[RunResult]:
+        return self.runs if copies == 1 else self.scaled.get(copies, [])
+
+
+def replicate(scenario: Scenario, copies: int) -> Scenario:
+    """The scenario with each VM ``copies`` times, named ``<vm>-1`` ... ``<vm>-N``; every
+    workload and expectation follows its VM into each copy (copy 1's workloads first).
+    Each copy has its own user-mode networks and forwarded ports, as every VM does."""
+    if copies == 1:
+        return scenario
+
+    def named(vm: str, k: int) -> str:
+        return f"{vm}-{k}"
+
+    ks = range(1, copies + 1)
+    return dataclasses.replace(
+        scenario, name=f"{scenario.name}-x{copies}",
+        vms=tuple(dataclasses.replace(vm, name=named(vm.name, k))
+                  for k in ks for vm in scenario.vms),
+        workloads=tuple(dataclasses.replace(w, vm=named(w.vm, k))
+                        for k in ks for w in scenario.workloads),
+        expect=tuple(dataclasses.replace(e, vm=named(e.vm, k))
+                     for k in ks for e in scenario.expect))
+
+
+def scaling_refusal(scenario: Scenario) -> str | None:
+    """Why the scenario cannot be replicated (None: it can)."""
+    assigned = [d.id for vm in scenario.vms for d in vm.devices if d.assigned_host is not None]
+    if assigned:
+        return (f"not replicated: device {assigned[0]} is a host device, which only one VM "
+                "can own")
+    return None
+
+
+def boot_seconds(run: RunResult) -> float:
+    return sum(p.seconds for p in run.phases
+               if p.name in _BOOT_PHASES or p.name.startswith("boot "))
+
+
+def workload_seconds(run: RunResult) -> float:
+    return sum(p.seconds for p in run.phases if p.name in ("setup", "workload"))
 
 
 def bare_boot(vm: GuestVM, run_dir: Path) -> float:
@@ -66,17 +142,27 @@ def bare_boot(vm: GuestVM, run_dir: Path) -> float:
 
 
 def run_bench(scenario: Scenario, scenario_file: str, out: Path, repeat: int,
-              progress: Progress) -> BenchResult:
-    result = BenchResult(scenario.name)
+              progress: Progress, counts: Sequence[int] = DEFAULT_VM_COUNTS) -> BenchResult:
+    """``repeat`` rounds, each: the bare boot, the scenario, then the scenario with its VMs
+    replicated to each of ``counts`` (1 is the scenario itself, run in every round anyway)."""
+    refusal = scaling_refusal(scenario) if any(n != 1 for n in counts) else None
+    copies = sorted({1, *counts}) if refusal is None else [1]
+    result = BenchResult(scenario.name, counts=tuple(copies), scaling_note=refusal or "")
     for i in range(repeat):
         with GuestVM(scenario.vms[0], out, progress) as vm:
             seconds = bare_boot(vm, out / f"bare-{i}")
         result.bare_boots.append(seconds)
         progress(f"bare kernel boot {i + 1}/{repeat}: {seconds:.2f} s")
-        run = run_scenario(scenario, scenario_file, out / f"run-{i}", progress)
-        result.runs.append(run)
-        progress(f"scenario run {i + 1}/{repeat}: {run.total_seconds:.2f} s, "
-                 f"{'passed' if run.passed else 'FAILED'}")
+        for n in copies:
+            folder = f"run-{i}" if n == 1 else f"run-{i}-x{n}"
+            run = run_scenario(replicate(scenario, n), scenario_file, out / folder, progress)
+            (result.runs if n == 1 else result.scaled.setdefault(n, [])).append(run)
+            if i == 0:  # the peak so far, VM counts ascending: how it grows with them
+                result.peak_after[n] = PeakMemory.now()
+            vms = "" if n == 1 else f" with {n} copies of the VMs"
+            progress(f"scenario run {i + 1}/{repeat}{vms}: {run.total_seconds:.2f} s, "
+                     f"{'passed' if run.passed else 'FAILED'}")
+    result.memory = PeakMemory.now()
     return result
 
 
@@ -98,6 +184,47 @@ def format_bench(bench: BenchResult) -> str:
     lines.append(f"  ratio total / bare boot: {total / bench.bare:.2f}x; budget "
                  f"{BUDGET_FACTOR:g} x bare + {BUDGET_EXTRA_S:g} s = {budget:.2f} s: "
                  f"{'within' if total <= budget else 'OVER'}")
+    lines += format_scaling(bench)
+    if bench.memory is not None:
+        lines.append(f"  peak memory (RSS): harness process {_mib(bench.memory.harness_kib)}; "
+                     f"largest child {_mib(bench.memory.largest_child_kib)} (a QEMU)")
     if not bench.all_passed:
         lines.append("  some runs FAILED: see their report.json")
     return "\n".join(lines)
+
+
+def _mib(kib: int) -> str:
+    return f"{kib / 1024:.0f} MiB"
+
+
+def format_scaling(bench: BenchResult) -> list[str]:
+    """The table of totals by number of VMs (medians over the rounds)."""
+    if bench.scaling_note:
+        return [f"  scaling: {bench.scaling_note}"]
+    if len(bench.counts) < 2:
+        return []
+    rows = []
+    one = None
+    for n in bench.counts:
+        runs = bench.runs_of(n)
+        if not runs:
+            continue
+        total = statistics.median(r.total_seconds for r in runs)
+        one = total if n == 1 else one
+        peak = bench.peak_after.get(n)
+        vms = len(runs[0].scenario.vms)
+        rows.append((str(vms),
+                     f"{total:.2f}", f"{statistics.median(boot_seconds(r) for r in runs):.2f}",
+                     f"{statistics.median(workload_seconds(r) for r in runs):.2f}",
+                     f"{total / vms:.2f}", f"{total / one:.2f}x" if one else "-",
+                     _mib(peak.harness_kib) if peak else "-",
+                     "" if all(r.passed for r in runs) else "FAILED"))
+    head = ("VMs", "total s", "boot s", "workload s", "s per VM", "vs 1 copy", "harness RSS",
+            "")
+    widths = [max(len(row[c]) for row in [head, *rows]) for c in range(len(head))]
+    out = ["  scaling (VMs boot side by side, workloads run one after another; median s):"]
+    for row in [head, *rows]:
+        out.append("    " + "  ".join(cell.rjust(w) if c < len(head) - 1 else cell
+                                      for c, (cell, w) in enumerate(zip(row, widths,
+                                                                        strict=True))).rstrip())
+    return out

@@ -76,6 +76,7 @@ class BenchRequest:
     scenario: Path
     out: Path | None
     repeat: int
+    vms: tuple[int, ...] = (1, 2, 4)  # copies of the scenario's VMs in the scaling table
 
 
 @dataclass(frozen=True)
@@ -271,7 +272,7 @@ def handle_bench(req: BenchRequest) -> int:
 
     scenario = load_scenario(req.scenario)
     bench = run_bench(scenario, str(req.scenario), _run_dir(req.out, f"bench-{scenario.name}"),
-                      req.repeat, _progress)
+                      req.repeat, _progress, req.vms)
     print(format_bench(bench))
     return 0 if bench.all_passed else 1
 
@@ -524,6 +525,8 @@ def parse_args(argv: Sequence[str]) -> tuple[Request | manual_cli.Request, bool]
     p.add_argument("scenario", type=Path)
     p.add_argument("--out", type=Path)
     p.add_argument("--repeat", type=int, default=1)
+    p.add_argument("--vms", default="1,2,4", metavar="N,N,...",
+                   help="copies of the scenario's VMs to time side by side (default: 1,2,4)")
 
     p = sub.add_parser("trace", help="live view of the kernel's IRQ bypass events (kprobes)")
     p.add_argument("--duration", type=float, help="stop after this many seconds")
@@ -593,8 +596,20 @@ def parse_args(argv: Sequence[str]) -> tuple[Request | manual_cli.Request, bool]
     else:
         if ns.repeat < 1:
             raise UsageError("harness bench: --repeat must be at least 1")
-        request = BenchRequest(ns.scenario, ns.out, ns.repeat)
+        request = BenchRequest(ns.scenario, ns.out, ns.repeat, _vm_counts(ns.vms))
     return request, ns.verbose
+
+
+def _vm_counts(text: str) -> tuple[int, ...]:
+    """``--vms 1,2,4``: distinct counts from 1 to 16, ascending."""
+    try:
+        counts = sorted({int(part) for part in text.split(",")})
+    except ValueError:
+        counts = []
+    if not counts or counts[0] < 1 or counts[-1] > 16:
+        raise UsageError(f"harness bench: --vms {text[:40]!r}: give counts from 1 to 16, "
+                         "comma-separated (1,2,4)")
+    return tuple(counts)
 
 
 def _terminate(signum: int, frame: FrameType | None) -> None:
