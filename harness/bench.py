@@ -15,6 +15,7 @@ a child, is counted apart) closes the figures.
 from __future__ import annotations
 
 import dataclasses
+import os
 import resource
 import statistics
 import time
@@ -24,6 +25,8 @@ from pathlib import Path
 
 from harness.config.model import Scenario
 from harness.errors import LaunchError
+from harness.host.accel import KvmProbe, probe_kvm
+from harness.platform import host_platform
 from harness.qemu import argv as qargv
 from harness.qemu.machine import Machine
 from harness.result import RunResult
@@ -68,6 +71,8 @@ class BenchResult:
     peak_after: dict[int, PeakMemory] = field(default_factory=dict)  # by copies
     scaling_note: str = ""  # why there is no scaling table, if there is none
     memory: PeakMemory | None = None
+    probe: KvmProbe | None = None  # the KVM probe run once, uncached
+    load: tuple[float, float] | None = None  # 1-minute load average at the start, at the end
 
     @property
     def all_passed(self) -> bool:
@@ -148,6 +153,11 @@ def run_bench(scenario: Scenario, scenario_file: str, out: Path, repeat: int,
     refusal = scaling_refusal(scenario) if any(n != 1 for n in counts) else None
     copies = sorted({1, *counts}) if refusal is None else [1]
     result = BenchResult(scenario.name, counts=tuple(copies), scaling_note=refusal or "")
+    load_before = os.getloadavg()[0]
+    started = time.monotonic()
+    result.probe = dataclasses.replace(probe_kvm(host_platform(), None),
+                                       seconds=time.monotonic() - started)
+    progress(f"KVM probe (uncached): {result.probe.seconds:.2f} s")
     for i in range(repeat):
         with GuestVM(scenario.vms[0], out, progress) as vm:
             seconds = bare_boot(vm, out / f"bare-{i}")
@@ -163,6 +173,7 @@ def run_bench(scenario: Scenario, scenario_file: str, out: Path, repeat: int,
             progress(f"scenario run {i + 1}/{repeat}{vms}: {run.total_seconds:.2f} s, "
                      f"{'passed' if run.passed else 'FAILED'}")
     result.memory = PeakMemory.now()
+    result.load = (load_before, os.getloadavg()[0])
     return result
 
 
@@ -184,12 +195,20 @@ def format_bench(bench: BenchResult) -> str:
     lines.append(f"  ratio total / bare boot: {total / bench.bare:.2f}x; budget "
                  f"{BUDGET_FACTOR:g} x bare + {BUDGET_EXTRA_S:g} s = {budget:.2f} s: "
                  f"{'within' if total <= budget else 'OVER'}")
+    if bench.probe is not None:
+        answer = "usable" if bench.probe.usable else "not usable"
+        lines.append(f"  KVM probe, uncached: {bench.probe.seconds:.2f} s ({answer}: "
+                     f"{bench.probe.reason})")
     lines += format_scaling(bench)
     if bench.memory is not None:
         lines.append(f"  peak memory (RSS): harness process {_mib(bench.memory.harness_kib)}; "
                      f"largest child {_mib(bench.memory.largest_child_kib)} (a QEMU)")
+    if bench.load is not None:
+        lines.append(f"  host: {os.cpu_count()} CPUs, 1-minute load average {bench.load[0]:.2f} "
+                     f"at the start, {bench.load[1]:.2f} at the end (other work on the host "
+                     "shows here)")
     if not bench.all_passed:
-        lines.append("  some runs FAILED: see their report.json")
+        lines.append("  some runs FAILED: see their run folders")
     return "\n".join(lines)
 
 
@@ -213,16 +232,19 @@ def format_scaling(bench: BenchResult) -> list[str]:
         one = total if n == 1 else one
         peak = bench.peak_after.get(n)
         vms = len(runs[0].scenario.vms)
+        other = statistics.median(r.total_seconds - boot_seconds(r) - workload_seconds(r)
+                                  for r in runs)
         rows.append((str(vms),
                      f"{total:.2f}", f"{statistics.median(boot_seconds(r) for r in runs):.2f}",
                      f"{statistics.median(workload_seconds(r) for r in runs):.2f}",
-                     f"{total / vms:.2f}", f"{total / one:.2f}x" if one else "-",
+                     f"{other:.2f}", f"{total / vms:.2f}", f"{total / one:.2f}x" if one else "-",
                      _mib(peak.harness_kib) if peak else "-",
                      "" if all(r.passed for r in runs) else "FAILED"))
-    head = ("VMs", "total s", "boot s", "workload s", "s per VM", "vs 1 copy", "harness RSS",
-            "")
+    head = ("VMs", "total s", "boot s", "workload s", "other s", "s per VM", "vs 1 copy",
+            "harness RSS", "")
     widths = [max(len(row[c]) for row in [head, *rows]) for c in range(len(head))]
-    out = ["  scaling (VMs boot side by side, workloads run one after another; median s):"]
+    out = ["  scaling (VMs boot side by side, workloads run one after another; other: prepare, "
+           "snapshots, verdicts, teardown; harness RSS: its peak once that many ran; medians):"]
     for row in [head, *rows]:
         out.append("    " + "  ".join(cell.rjust(w) if c < len(head) - 1 else cell
                                       for c, (cell, w) in enumerate(zip(row, widths,
