@@ -157,11 +157,17 @@ def plug(vm: GuestVM, device_id: str, timeout: float = 60.0) -> HotplugEvent:
         if done.exit_status != 0:
             raise GuestError(vm.name, f"{device_id}: its interface did not come back: "
                              f"{(done.stderr or done.stdout).strip()[-300:]}")
+    named_by = None  # a driver may request its vectors a moment after it enabled them
     while True:
         snap = vm.snapshot()
         func = snap.device(placed.bdf)
         if func is not None and func.driver and func.msi_irqs:
-            break
+            named = all(snap.interrupts.by_label(irq) is not None for irq, _ in func.msi_irqs)
+            named_by = named_by or time.monotonic() + 5.0
+            if named or time.monotonic() > min(named_by, deadline):
+                break
+            time.sleep(0.3)
+            continue
         if time.monotonic() > deadline:
             state = ("absent" if func is None else
                      f"driver {func.driver or 'none'}, {len(func.msi_irqs)} vectors")

@@ -17,6 +17,7 @@ import shlex
 import socket
 import subprocess
 import sys
+import sysconfig
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -141,12 +142,21 @@ def shell_job() -> str:
             + "setsid -c /bin/bash --noprofile --rcfile /lab/bashrc -i\n" + _JOB_TAIL)
 
 
-def _write_tools(share: Path, python: str) -> None:
-    """``harness`` for L1's PATH (/lab/bin: the run folder), and the shell's start-up file."""
+def _write_tools(share: Path, python: str, site_packages: str | None = None) -> None:
+    """``harness`` for L1's PATH (/lab/bin: the run folder), and the shell's start-up file.
+
+    With this interpreter's own site-packages given, it starts Python without ``site`` and
+    names the folders itself: the site module's scan of the environment costs TCG over 9p
+    about half a second of every start."""
     bin_dir = share / "bin"
     bin_dir.mkdir(exist_ok=True)
     wrapper = bin_dir / "harness"
-    wrapper.write_text(f"#!/bin/sh\nexec {shlex.quote(python)} -m harness.cli \"$@\"\n")
+    if site_packages is not None:
+        path = shlex.quote(f"{repo_root()}:{site_packages}")
+        command = f"PYTHONPATH={path} exec {shlex.quote(python)} -S -m harness.cli"
+    else:
+        command = f"exec {shlex.quote(python)} -m harness.cli"
+    wrapper.write_text(f"#!/bin/sh\n{command} \"$@\"\n")
     wrapper.chmod(0o755)
     (share / "bashrc").write_text(_BASHRC)
 
@@ -177,7 +187,7 @@ def prepare(progress: Progress, share: Path, platform: Platform) -> LabSetup:
         if platform is not host_platform():
             raise HarnessError(f"the {platform.arch} lab needs a user space for L1 (this "
                                f"machine's root is {host_platform().arch})")
-        _write_tools(share, sys.executable)
+        _write_tools(share, sys.executable, sysconfig.get_paths()["purelib"])
         return LabSetup(platform, image, Path("/"), sys.executable, (), kernel)
     userland = ensure_userland(platform.lab.userland, platform, progress)
     _write_tools(share, "python3")
