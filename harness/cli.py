@@ -337,12 +337,12 @@ def handle_lab_run(req: LabRunRequest) -> int:
     boots: list[LabBoot] = []
     for scenario in scenarios:
         wanted = scenario.lab
-        if boots and (boots[-1].append, boots[-1].device) == (wanted.append, wanted.device):
+        if boots and (boots[-1].append, boots[-1].devices) == (wanted.append, wanted.devices):
             boots[-1] = dataclasses.replace(boots[-1], args=(*boots[-1].args, "--only",
                                                              scenario.name))
         else:
             boots.append(LabBoot(("run", scenario_file, "--out", "/lab", "--only",
-                                  scenario.name), wanted.append, device=wanted.device))
+                                  scenario.name), wanted.append, devices=wanted.devices))
     lab = run_in_lab(platform, boots, run_dir, _progress)
     for folder in lab.inner_runs:
         print((folder / "summary.txt").read_text() if (folder / "summary.txt").exists()

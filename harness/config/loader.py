@@ -614,6 +614,9 @@ class _Walker:
             raise self.error(node, path, f"must have at least {meta['minItems']} "
                                          f"item{'s' if meta['minItems'] != 1 else ''}, "
                                          f"got {len(value)}")
+        if isinstance(value, tuple) and "maxItems" in meta and len(value) > meta["maxItems"]:
+            raise self.error(node, path, f"must have at most {meta['maxItems']} items, "
+                                         f"got {len(value)}")
 
 
 def _matches(pattern: str, value: str) -> bool:

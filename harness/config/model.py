@@ -218,7 +218,7 @@ class Timeouts:
 
 @dataclass(frozen=True)
 class LabDevice:
-    """The emulated device L1 has at 0000:00:05.0 for its guests to assign, behind its IOMMU."""
+    """An emulated device L1 offers its guests for assignment, behind its IOMMU."""
 
     kind: Literal["virtio-net", "e1000e", "virtio-blk", "ahci"] = field(
         default="virtio-net", metadata=doc(
@@ -236,6 +236,8 @@ class LabDevice:
 
 #: The lab's usual device: a virtio-net NIC.
 DEFAULT_LAB_DEVICE = LabDevice()
+#: L1's slots 0x05.. hold its devices for assignment.
+LAB_DEVICES_MAX = 8
 
 
 @dataclass(frozen=True)
@@ -246,8 +248,11 @@ class LabSettings:
         "extra kernel arguments for L1, after the lab's own (the last of a kind wins: "
         "kvm-arm.vgic_v4_enable=0 turns GICv4 off in L1's KVM); scenarios of a file that "
         "differ here get an L1 boot each", maxLength=APPEND_MAX))
-    device: LabDevice = field(default=DEFAULT_LAB_DEVICE, metadata=doc(
-        "the emulated device L1 offers its guests for assignment (0000:00:05.0)"))
+    devices: tuple[LabDevice, ...] = field(default=(DEFAULT_LAB_DEVICE,), metadata=doc(
+        "the emulated devices L1 offers its guests for assignment, at 0000:00:05.0, "
+        "0000:00:06.0, ... in order; the first NIC is on L0's user-mode network 10.0.2.0/24, "
+        "the n-th after it on 10.0.(3+n).0/24 (gateway .2)", minItems=1,
+        maxItems=LAB_DEVICES_MAX))
 
 
 @dataclass(frozen=True)

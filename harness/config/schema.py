@@ -26,7 +26,8 @@ from harness.config import model
 DIALECT = "https://json-schema.org/draft/2020-12/schema"
 
 #: Field metadata keys that constrain a value, spelled as in JSON Schema.
-CONSTRAINT_KEYS = ("minimum", "maximum", "exclusiveMinimum", "pattern", "maxLength", "minItems")
+CONSTRAINT_KEYS = ("minimum", "maximum", "exclusiveMinimum", "pattern", "maxLength", "minItems",
+                   "maxItems")
 METADATA_KEYS = frozenset({"doc", *CONSTRAINT_KEYS})
 
 

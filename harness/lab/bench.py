@@ -1,8 +1,8 @@
 """Figures of one lab run: its phases, and the workload's latency over each delivery path.
 
-The paths run one after the other (in one L1 boot where they can), so the ratio of each to
-the first is the figure to read; absolute numbers under nested TCG say little about real
-hardware.
+The paths run one after the other (in one L2 boot where the scenario puts them side by side,
+else in one L1 boot), so the ratio of each workload's latency to the first's is the figure to
+read; absolute numbers under nested TCG say little about real hardware.
 """
 
 from __future__ import annotations
@@ -19,10 +19,11 @@ _RTT = re.compile(r"time=([0-9.]+) ms")
 
 
 @dataclass(frozen=True)
-class PathFigures:
-    scenario: str
-    paths: tuple[str, ...]  # the verdicts of the assigned device's vectors
-    phases: tuple[tuple[str, float], ...]
+class Latency:
+    """The ping RTTs one workload printed: one delivery path when the workload loads one
+    assigned device (configs/lab-vfio.yaml: one workload per NIC, in one L2 boot)."""
+
+    workload: str
     rtts_ms: tuple[float, ...]
 
     def percentile(self, q: float) -> float | None:
@@ -32,16 +33,40 @@ class PathFigures:
         return cuts[min(max(int(q) - 1, 0), 98)]
 
 
+@dataclass(frozen=True)
+class PathFigures:
+    scenario: str
+    paths: tuple[str, ...]  # the verdicts of the assigned devices' vectors
+    phases: tuple[tuple[str, float], ...]
+    latencies: tuple[Latency, ...]  # per workload that printed RTTs, in order
+
+
+def workload_latencies(log_text: str) -> list[Latency]:
+    """Split a ``<vm>.workload.log`` at its ``$ <workload>`` headers; RTTs per workload."""
+    found: list[Latency] = []
+    name, rtts = "", list[float]()
+    for line in log_text.splitlines():
+        if line.startswith("$ "):
+            if rtts:
+                found.append(Latency(name, tuple(rtts)))
+            name, rtts = line[2:], []
+        rtts += [float(m.group(1)) for m in _RTT.finditer(line)]
+    if rtts:
+        found.append(Latency(name, tuple(rtts)))
+    return found
+
+
 def path_figures(run_dir: Path) -> PathFigures:
     report = json.loads((run_dir / "report.json").read_text())
-    rtts: list[float] = []
+    latencies: list[Latency] = []
     for log in sorted(run_dir.glob("*.workload.log")):
-        rtts += [float(m.group(1)) for m in _RTT.finditer(log.read_text())]
+        latencies += workload_latencies(log.read_text())
     paths = tuple(sorted({v["path"] or "?" for v in report["vectors"]
                           if v["evidence"]["host_delta"] is not None and v["path"]
                           != "not-delivered"}))
     return PathFigures(report["scenario"]["name"], paths,
-                       tuple((p["name"], p["seconds"]) for p in report["phases"]), tuple(rtts))
+                       tuple((p["name"], p["seconds"]) for p in report["phases"]),
+                       tuple(latencies))
 
 
 def format_lab_bench(lab: LabRun) -> str:
@@ -50,22 +75,28 @@ def format_lab_bench(lab: LabRun) -> str:
     lines = [f"lab bench: {boots} L1 boot(s), the scenarios in order"]
     lines += [f"  {name:<28} {seconds:7.2f} s" for name, seconds in lab.phases]
     lines.append(f"  {'total':<28} {lab.total_seconds:7.2f} s")
+    measured: list[tuple[str, Latency]] = []
     for run in runs:
         phases = dict(run.phases)
         l2_boot = sum(phases.get(k, 0.0) for k in ("QEMU start", "kernel to init",
                                                     "init to sshd", "SSH ready"))
-        p50, p99 = run.percentile(50), run.percentile(99)
-        latency = (f"ping RTT p50 {p50:.3f} ms, p99 {p99:.3f} ms over {len(run.rtts_ms)}"
-                   if p50 is not None and p99 is not None else "no ping RTTs in its log")
         lines.append(f"  {run.scenario} ({', '.join(run.paths) or 'no verdict'}): L2 boot "
                      f"{l2_boot:.2f} s, workload {phases.get('workload', 0.0):.2f} s, "
-                     f"verdict {phases.get('verdict', 0.0):.2f} s; {latency}")
-    measured = [r for r in runs if r.percentile(50) is not None]
-    for other in measured[1:]:
-        base = measured[0]
+                     f"verdict {phases.get('verdict', 0.0):.2f} s")
+        for latency in run.latencies:
+            p50, p99 = latency.percentile(50), latency.percentile(99)
+            if p50 is None or p99 is None:
+                continue
+            lines.append(f"    {latency.workload}: ping RTT p50 {p50:.3f} ms, p99 {p99:.3f} ms "
+                         f"over {len(latency.rtts_ms)}")
+            measured.append((run.scenario, latency))
+    if not measured:
+        lines.append("  no ping RTTs in the workload logs")
+    for scenario, other in measured[1:]:
+        base_scenario, base = measured[0]
         b50, o50 = base.percentile(50), other.percentile(50)
         b99, o99 = base.percentile(99), other.percentile(99)
         assert b50 and o50 and b99 and o99
-        lines.append(f"  ratio {other.scenario} / {base.scenario}: p50 {o50 / b50:.2f}x, "
-                     f"p99 {o99 / b99:.2f}x")
+        lines.append(f"  ratio {scenario}: {other.workload} / {base_scenario}: "
+                     f"{base.workload}: p50 {o50 / b50:.2f}x, p99 {o99 / b99:.2f}x")
     return "\n".join(lines)

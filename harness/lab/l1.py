@@ -34,8 +34,9 @@ from harness.qemu.machine import Machine
 
 Progress = Callable[[str], None]
 
-# The device L1 assigns to its guest: an emulated virtio-net that honours the IOMMU, at a fixed
-# slot of L1's root bus.  Scenarios run in the lab name it as ``host: 0000:00:05.0``.
+# The devices L1 assigns to its guests (an emulated virtio-net that honours the IOMMU unless
+# the scenario's lab: devices says otherwise) sit at fixed slots of L1's root bus from this
+# one on: scenarios run in the lab name the first as ``host: 0000:00:05.0``, the next 06.0...
 LAB_DEVICE_SLOT = 0x05
 LAB_DEVICE_BDF = f"0000:00:{LAB_DEVICE_SLOT:02x}.0"
 L1_MEMORY_MIB = 2048
@@ -43,7 +44,8 @@ L1_CPUS = 2
 BOOT_TIMEOUT_S = 120.0
 
 
-_EXTRA_SLOTS = (0x06, 0x07)  # the shares L1 mounts at their outer paths (slot 5: the device)
+# The shares L1 mounts at their outer paths, far from the devices (slots 5 and on).
+_EXTRA_SLOTS = (0x1C, 0x1D)
 
 
 @dataclass(frozen=True)
@@ -65,7 +67,7 @@ class LabSetup:
 
 def l1_argv(setup: LabSetup, share: Path, append: str = "",
             memory_mib: int = L1_MEMORY_MIB, cpus: int = L1_CPUS,
-            device: LabDevice = DEFAULT_LAB_DEVICE) -> list[str]:
+            devices: tuple[LabDevice, ...] = (DEFAULT_LAB_DEVICE,)) -> list[str]:
     """L0's command line for L1 without its console/QMP channels (the caller adds those):
     L1's root read-only at ``hostroot``, the run folder at ``lab``, and the folders L1 mounts
     at their outer paths (named on the kernel command line for L1's init)."""
@@ -78,7 +80,7 @@ def l1_argv(setup: LabSetup, share: Path, append: str = "",
     extra = " ".join([*words, append]).strip()
     return lab_host_argv(setup.platform, setup.kernel or setup.image.kernel,
                          setup.image.initrd, shares,
-                         LAB_DEVICE_SLOT, memory_mib, cpus, extra, device)
+                         LAB_DEVICE_SLOT, memory_mib, cpus, extra, devices)
 
 
 _JOB_HEAD = """#!/bin/sh
@@ -202,7 +204,8 @@ class LabBoot:
     args: tuple[str, ...]  # harness arguments, after ``python -m harness.cli``
     append: str = ""  # extra kernel arguments for L1
     harness: bool = True  # False: ``args`` is a whole command of its own
-    device: LabDevice = DEFAULT_LAB_DEVICE  # what L1 offers for assignment at LAB_DEVICE_BDF
+    # what L1 offers for assignment, from LAB_DEVICE_BDF on
+    devices: tuple[LabDevice, ...] = (DEFAULT_LAB_DEVICE,)
 
 
 def run_in_lab(platform: Platform, boots: list[LabBoot], run_dir: Path, progress: Progress,
@@ -224,8 +227,8 @@ def run_in_lab(platform: Platform, boots: list[LabBoot], run_dir: Path, progress
         (run_dir / "exit-status").unlink(missing_ok=True)
 
         def argv_for(qmp_fd: int, console_fd: int, append: str = boot.append,
-                     device: LabDevice = boot.device) -> list[str]:
-            return (l1_argv(setup, share, append, device=device)
+                     devices: tuple[LabDevice, ...] = boot.devices) -> list[str]:
+            return (l1_argv(setup, share, append, devices=devices)
                     + channel_args(qmp_fd, console_fd))
 
         for attempt in range(1, LOCKUP_ATTEMPTS + 1):
@@ -235,8 +238,9 @@ def run_in_lab(platform: Platform, boots: list[LabBoot], run_dir: Path, progress
             try:
                 with Machine(name, argv_for, run_dir) as machine:
                     what = platform.lab.what + (f"; {boot.append}" if boot.append else "") + (
-                        f"; {boot.device.kind} at {LAB_DEVICE_BDF}"
-                        if boot.device != DEFAULT_LAB_DEVICE else "")
+                        "; " + ", ".join(f"{d.kind} at 0000:00:{LAB_DEVICE_SLOT + n:02x}.0"
+                                         for n, d in enumerate(boot.devices))
+                        if boot.devices != (DEFAULT_LAB_DEVICE,) else "")
                     progress(f"lab: booting the emulated host (L1{suffix}: {what})")
                     launched = time.monotonic()
                     machine.launch()

@@ -246,12 +246,13 @@ class LabShare:
 
 def lab_host_argv(platform: Platform, kernel: Path, initrd: Path, shares: Sequence[LabShare],
                   device_slot: int, memory_mib: int, cpus: int, append: str = "",
-                  device: LabDevice = DEFAULT_LAB_DEVICE) -> list[str]:
+                  devices: Sequence[LabDevice] = (DEFAULT_LAB_DEVICE,)) -> list[str]:
     """L0's command line for L1 without its console/QMP channels (the caller adds those).
 
     The vCPU, machine options and IOMMU come from the platform's :class:`LabHost`; the
-    device L1 assigns to its guests (``device``: a NIC on L0's user-mode network, or a disk
-    that reads zeroes) has its DMA and MSIs go through the emulated IOMMU.
+    devices L1 assigns to its guests (NICs on user-mode networks of L0, disks that read
+    zeroes), one per slot from ``device_slot`` on, have their DMA and MSIs go through the
+    emulated IOMMU.
     """
     lab = platform.lab
     argv = [platform.qemu, "-name", "lab-l1",
@@ -267,10 +268,24 @@ def lab_host_argv(platform: Platform, kernel: Path, initrd: Path, shares: Sequen
                      "readonly": True if share.readonly else None, "multidevs": "remap"}),
                  "-device", qemu_options("virtio-9p-pci", {
                      "fsdev": share.tag, "mount_tag": share.tag, "addr": f"0x{share.slot:02x}"})]
-    return argv + _lab_device(platform, device, device_slot)
+    nics = 0
+    for n, device in enumerate(devices):
+        argv += _lab_device(platform, device, device_slot + n, "" if n == 0 else str(n), nics)
+        nics += device.kind in _LAB_NICS
+    return argv
 
 
-def _lab_device(platform: Platform, device: LabDevice, slot: int) -> list[str]:
+_LAB_NICS = {"virtio-net": "virtio-net-pci", "e1000e": "e1000e"}
+
+
+def lab_network(nic: int) -> str:
+    """The user-mode network of L1's ``nic``-th NIC (from 0): 10.0.2.0/24, then 10.0.4.0/24
+    and on (10.0.3.0/24 is where the lab's guests put their SSH NIC)."""
+    return "10.0.2.0/24" if nic == 0 else f"10.0.{3 + nic}.0/24"
+
+
+def _lab_device(platform: Platform, device: LabDevice, slot: int, suffix: str,
+                nic: int) -> list[str]:
     lab = platform.lab
     options: dict[str, object] = dict(lab.device_options)
     if device.kind.startswith("virtio"):
@@ -278,15 +293,17 @@ def _lab_device(platform: Platform, device: LabDevice, slot: int) -> list[str]:
         options["vectors"] = device.vectors
     options["addr"] = f"0x{slot:02x}"
     # A disk has no file behind it: the null driver reads zeroes, so L2's reads cost no I/O.
-    disk = ["-blockdev", "driver=null-co,node-name=labdisk,size=16777216,read-zeroes=on"]
+    drive, ahci, netdev = f"labdisk{suffix}", f"labahci{suffix}", f"labnet{suffix}"
+    disk = ["-blockdev", f"driver=null-co,node-name={drive},size=16777216,read-zeroes=on"]
     if device.kind == "virtio-blk":
         return disk + ["-device", qemu_options("virtio-blk-pci", {
-            "drive": "labdisk", "num-queues": device.queues, **options})]
+            "drive": drive, "num-queues": device.queues, **options})]
     if device.kind == "ahci":
         # ICH9's AHCI has plain MSI only (one vector): the lab's MSI case.
-        return disk + ["-device", qemu_options("ich9-ahci", {"id": "labahci", **options}),
-                       "-device", "ide-hd,drive=labdisk,bus=labahci.0"]
-    nic = {"virtio-net": "virtio-net-pci", "e1000e": "e1000e"}[device.kind]
-    return ["-netdev", "user,id=labnet",
-            "-device", qemu_options(nic, {"netdev": "labnet", "mac": device_mac("lab", slot),
-                                          **options})]
+        return disk + ["-device", qemu_options("ich9-ahci", {"id": ahci, **options}),
+                       "-device", f"ide-hd,drive={drive},bus={ahci}.0"]
+    network = qemu_options("user", {"id": netdev,
+                                    "net": lab_network(nic) if nic else None})
+    return ["-netdev", network,
+            "-device", qemu_options(_LAB_NICS[device.kind], {
+                "netdev": netdev, "mac": device_mac("lab", slot), **options})]

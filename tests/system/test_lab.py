@@ -38,40 +38,44 @@ def nic_vectors(report: dict[str, Any]) -> dict[str, Any]:
 
 def test_lab_vfio_gives_each_path_its_verdict_from_the_evidence(
         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """One L2 with two assigned NICs, one over KVM irqfd and one relayed by QEMU: each gets
+    its path from the evidence, in one boot."""
     code = main(["lab", "run", str(REPO / "configs" / "lab-vfio.yaml"), "--out", str(tmp_path)])
     out = capsys.readouterr().out
     assert code == 0, out
     (run_dir,) = tmp_path.iterdir()
     found = reports(run_dir)
-    assert sorted(found) == ["lab-vfio-irqfd", "lab-vfio-userspace"]
-    for name, path, connected in (("lab-vfio-irqfd", "irqfd-bounce", True),
-                                  ("lab-vfio-userspace", "userspace-bounce", False)):
-        report = found[name]
-        assert report["passed"] is True, report
-        vectors = nic_vectors(report)
-        for vector in ("virtio1-input.0", "virtio1-output.0"):
+    assert sorted(found) == ["lab-vfio"]
+    report = found["lab-vfio"]
+    assert report["passed"] is True, report
+    for device, host_bdf, path, connected in (
+            ("nic", "0000:00:05.0", "irqfd-bounce", True),
+            ("nic_user", "0000:00:06.0", "userspace-bounce", False)):
+        vectors = {v["name"].split("-", 1)[1]: v for v in report["vectors"]
+                   if v["device"] == device}
+        for vector in ("input.0", "output.0"):
             v = vectors[vector]
             assert v["path"] == path, v
             guest, host = v["evidence"]["guest_delta"], v["evidence"]["host_delta"]
             assert guest >= 150 and 0.5 <= host / guest <= 1.5, v
             assert v["evidence"]["wiring"]["connected"] is connected, v
             assert v["evidence"]["wiring"]["producer"] is True, v
-        wiring = report["host_wiring"]
-        assert isinstance(wiring, list) and len(wiring) == 3  # config, rx, tx
-        notes = " ".join(report["host_notes"])
-        assert "posting not possible" in notes and "cap bit 59" in notes
+        wiring = [w for w in report["host_wiring"] if w["bdf"] == host_bdf]
+        assert len(wiring) == 3  # config, rx, tx
+    notes = " ".join(report["host_notes"])
+    assert "posting not possible" in notes and "cap bit 59" in notes
     # The trace and both consoles come back with the reports.
-    irqfd_dir = next(p.parent for p in run_dir.glob("lab-vfio-irqfd-*/report.json"))
-    assert "irq_bypass_register_producer" in (irqfd_dir / "host.bypass.trace").read_text()
-    assert (irqfd_dir / "l2.console.log").read_text().count("harness-init: ready") == 1
+    inner = next(p.parent for p in run_dir.glob("lab-vfio-*/report.json"))
+    assert "irq_bypass_register_producer" in (inner / "host.bypass.trace").read_text()
+    assert (inner / "l2.console.log").read_text().count("harness-init: ready") == 1
     assert "harness-lab: job end" in (run_dir / "lab-l1.console.log").read_text()
 
 
 def test_a_wrong_expectation_fails_and_says_why(tmp_path: Path,
                                                 capsys: pytest.CaptureFixture[str]) -> None:
-    text = (REPO / "configs" / "lab-vfio.yaml").read_text().split("\n---\n")[0]
+    text = (REPO / "configs" / "lab-vfio.yaml").read_text()
     wrong = tmp_path / "expects-posted.yaml"
-    wrong.write_text(text.replace("name: lab-vfio-irqfd", "name: lab-expects-posted")
+    wrong.write_text(text.replace("name: lab-vfio", "name: lab-expects-posted")
                      .replace("path: irqfd-bounce", "path: posted"))
     code = main(["lab", "run", str(wrong), "--out", str(tmp_path / "runs")])
     out = capsys.readouterr().out
@@ -79,6 +83,7 @@ def test_a_wrong_expectation_fails_and_says_why(tmp_path: Path,
     assert "[FAIL] l2/nic expects posted: virtio1-input.0: irqfd-bounce" in out
     assert "connected to a KVM irqfd consumer" in out  # the evidence behind the verdict
     assert "posting not possible" in out  # and why posting was never on the table
+    assert "[PASS] l2/nic_user expects userspace-bounce" in out
 
 
 LIFECYCLE = """\

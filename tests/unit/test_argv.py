@@ -31,6 +31,7 @@ from harness.qemu.argv import (
     device_mac,
     kvm_probe_argv,
     lab_host_argv,
+    lab_network,
     machine_args,
     place_devices,
 )
@@ -359,7 +360,7 @@ def test_x86_lab_host_has_svm_vtd_first_and_the_nic_behind_the_iommu() -> None:
 
 def test_lab_device_kinds_each_sit_behind_the_iommu_with_their_own_options() -> None:
     def lab_args(device: LabDevice) -> list[str]:
-        argv = lab_host_argv(X86_64, Path("/k"), Path("/i"), [], 5, 2048, 2, device=device)
+        argv = lab_host_argv(X86_64, Path("/k"), Path("/i"), [], 5, 2048, 2, devices=[device])
         return argv[argv.index("-append") + 2:]  # no shares: only the device follows
 
     # e1000e is no virtio device: only the options every PCI device takes.
@@ -370,10 +371,26 @@ def test_lab_device_kinds_each_sit_behind_the_iommu_with_their_own_options() -> 
     assert blk[-1] == ("virtio-blk-pci,drive=labdisk,num-queues=2,romfile=,iommu_platform=on,"
                        "ats=on,disable-legacy=on,vectors=3,addr=0x05")
     argv = lab_host_argv(X86_64, Path("/k"), Path("/i"), [], 5, 2048, 2,
-                         device=LabDevice(kind="virtio-blk"))
+                         devices=[LabDevice(kind="virtio-blk")])
     assert "driver=null-co,node-name=labdisk,size=16777216,read-zeroes=on" in argv
     net = lab_args(LabDevice(vectors=2))
     assert net[-1].startswith("virtio-net-pci,") and ",vectors=2," in net[-1]
+
+
+def test_several_lab_devices_take_the_next_slots_and_nics_their_own_networks() -> None:
+    argv = lab_host_argv(X86_64, Path("/k"), Path("/i"), [], 5, 2048, 2, devices=[
+        LabDevice(), LabDevice(kind="ahci"), LabDevice(kind="e1000e"), LabDevice()])
+    devices = [argv[i + 1] for i, a in enumerate(argv) if a == "-device"][1:]  # after the IOMMU
+    assert [d.split(",")[0] for d in devices] == ["virtio-net-pci", "ich9-ahci",
+                                                  "ide-hd", "e1000e", "virtio-net-pci"]
+    assert [re.search(r"addr=(0x\w+)", d)[1] for d in devices  # type: ignore[index]
+            if "addr=" in d] == ["0x05", "0x06", "0x07", "0x08"]
+    netdevs = [argv[i + 1] for i, a in enumerate(argv) if a == "-netdev"]
+    # The first NIC on QEMU's default network, the next ones on their own: ping-able apart.
+    assert netdevs == ["user,id=labnet", "user,id=labnet2,net=10.0.4.0/24",
+                       "user,id=labnet3,net=10.0.5.0/24"]
+    assert "ide-hd,drive=labdisk1,bus=labahci1.0" in devices
+    assert lab_network(0) == "10.0.2.0/24" and lab_network(1) == "10.0.4.0/24"
 
 
 def test_arm64_lab_host_is_virt_at_el2_with_gicv4_and_smmuv3() -> None:

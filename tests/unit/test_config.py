@@ -127,7 +127,7 @@ def _values(value: object) -> Iterator[object]:
 def test_valid_files_give_frozen_dataclasses_tuples_and_enums(path: Path) -> None:
     from harness.config import load_scenarios
 
-    for scenario in load_scenarios(path):  # configs/lab-vfio.yaml holds two
+    for scenario in load_scenarios(path):  # configs/lab-matrix.yaml holds five
         for value in _values(scenario):
             assert not isinstance(value, dict | list | set), value
             if dataclasses.is_dataclass(value) and not isinstance(value, type):

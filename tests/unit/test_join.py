@@ -30,8 +30,10 @@ REPO = Path(__file__).resolve().parents[2]
 DATA = REPO / "tests" / "data"
 
 
-def scenario(file: str, name: str) -> Scenario:
-    return next(s for s in load_scenarios(REPO / "configs" / file) if s.name == name)
+def scenario(data: str) -> Scenario:
+    """The scenario a recorded case ran (its folder's scenario.yaml)."""
+    (found,) = load_scenarios(DATA / data / "scenario.yaml")
+    return found
 
 
 def guest(folder: Path, vm: str, label: str) -> GuestSnapshot:
@@ -53,41 +55,32 @@ def rejoin(folder: Path, spec: Scenario) -> tuple[list[VectorVerdict], tuple[Pla
                 guest(folder, vm.name, "after"), host), placed
 
 
-#: (data folder, config file, scenario, device, path, kind, vectors that must carry it)
+#: (data folder, device, path, kind, vectors that must carry it)
 CASES = [
-    ("lab-x86-matrix/msix-irqfd", "lab-vfio.yaml", "lab-vfio-irqfd", "nic",
-     DeliveryPath.IRQFD_BOUNCE, "msix", 2),
-    ("lab-x86-matrix/msix-userspace", "lab-vfio.yaml", "lab-vfio-userspace", "nic",
-     DeliveryPath.USERSPACE_BOUNCE, "msix", 2),
-    ("lab-x86-matrix/intx-irqfd", "lab-matrix.yaml", "lab-intx-irqfd", "nic",
-     DeliveryPath.IRQFD_BOUNCE, "intx", 1),
-    ("lab-x86-matrix/intx-userspace", "lab-matrix.yaml", "lab-intx-userspace", "nic",
-     DeliveryPath.USERSPACE_BOUNCE, "intx", 1),
-    ("lab-x86-matrix/msi-irqfd", "lab-matrix.yaml", "lab-msi-irqfd", "ahci",
-     DeliveryPath.IRQFD_BOUNCE, "msi", 1),
-    ("lab-x86-matrix/msix-shared-vector", "lab-matrix.yaml", "lab-msix-shared-vector", "nic",
-     DeliveryPath.IRQFD_BOUNCE, "msix", 1),
-    ("lab-x86-matrix/msix-multiqueue", "lab-matrix.yaml", "lab-msix-multiqueue", "disk",
-     DeliveryPath.IRQFD_BOUNCE, "msix", 2),
-    ("lab-arm64/posted", "lab-arm-gicv4.yaml", "lab-arm-posted", "nic",
-     DeliveryPath.POSTED, "msi-or-msix", 2),
-    ("lab-arm64/userspace", "lab-arm-gicv4.yaml", "lab-arm-userspace", "nic",
-     DeliveryPath.USERSPACE_BOUNCE, "msi-or-msix", 2),
-    ("lab-arm64/irqfd", "lab-arm-gicv4.yaml", "lab-arm-irqfd", "nic",
-     DeliveryPath.IRQFD_BOUNCE, "msi-or-msix", 2),
-    ("lab-arm64/intx", "lab-arm-gicv4.yaml", "lab-arm-intx", "nic",
-     DeliveryPath.IRQFD_BOUNCE, "intx", 1),
+    ("lab-x86-matrix/msix-irqfd", "nic", DeliveryPath.IRQFD_BOUNCE, "msix", 2),
+    ("lab-x86-matrix/msix-userspace", "nic", DeliveryPath.USERSPACE_BOUNCE, "msix", 2),
+    ("lab-x86-matrix/two-nics", "nic", DeliveryPath.IRQFD_BOUNCE, "msix", 2),
+    ("lab-x86-matrix/two-nics", "nic_user", DeliveryPath.USERSPACE_BOUNCE, "msix", 2),
+    ("lab-x86-matrix/intx-irqfd", "nic", DeliveryPath.IRQFD_BOUNCE, "intx", 1),
+    ("lab-x86-matrix/intx-userspace", "nic", DeliveryPath.USERSPACE_BOUNCE, "intx", 1),
+    ("lab-x86-matrix/msi-irqfd", "ahci", DeliveryPath.IRQFD_BOUNCE, "msi", 1),
+    ("lab-x86-matrix/msix-shared-vector", "nic", DeliveryPath.IRQFD_BOUNCE, "msix", 1),
+    ("lab-x86-matrix/msix-multiqueue", "disk", DeliveryPath.IRQFD_BOUNCE, "msix", 2),
+    ("lab-arm64/posted", "nic", DeliveryPath.POSTED, "msi-or-msix", 2),
+    ("lab-arm64/userspace", "nic", DeliveryPath.USERSPACE_BOUNCE, "msi-or-msix", 2),
+    ("lab-arm64/irqfd", "nic", DeliveryPath.IRQFD_BOUNCE, "msi-or-msix", 2),
+    ("lab-arm64/intx", "nic", DeliveryPath.IRQFD_BOUNCE, "intx", 1),
 ]
 
 
-@pytest.mark.parametrize(("data", "config", "name", "device", "path", "kind", "fired"), CASES,
+@pytest.mark.parametrize(("data", "device", "path", "kind", "fired"), CASES,
                          ids=[c[0].split("/", 1)[1] + ("-arm64" if "arm64" in c[0] else "")
+                              + ("-" + c[1] if c[0].endswith("two-nics") else "")
                               for c in CASES])
 def test_each_recorded_case_joins_to_its_labelled_path(
-        data: str, config: str, name: str, device: str, path: DeliveryPath, kind: str,
-        fired: int) -> None:
+        data: str, device: str, path: DeliveryPath, kind: str, fired: int) -> None:
     folder = DATA / data  # the Arm recordings predate the kept sysfs: the IRQ domain names them
-    verdicts, _ = rejoin(folder, scenario(config, name))
+    verdicts, _ = rejoin(folder, scenario(data))
     mine = [v for v in verdicts if v.device == device and v.guest_delta > 0]
     assert len(mine) == fired, [(v.name, v.guest_delta) for v in mine]
     for v in mine:
@@ -102,7 +95,7 @@ def test_each_recorded_case_joins_to_its_labelled_path(
 
 def test_intx_joins_by_the_guest_sysfs_line_not_by_a_name() -> None:
     folder = DATA / "lab-x86-matrix" / "intx-irqfd"
-    spec = scenario("lab-matrix.yaml", "lab-intx-irqfd")
+    spec = scenario("lab-x86-matrix/intx-irqfd")
     placed = place_devices(spec.vms[0].devices, platform_for(spec.vms[0].arch))
     before, after = guest(folder, "l2", "before"), guest(folder, "l2", "after")
     found: list[GuestVector] = list(guest_vectors(placed, before, after))
@@ -120,7 +113,7 @@ def test_intx_joins_by_the_guest_sysfs_line_not_by_a_name() -> None:
 def test_intx_wiring_is_the_resample_irqfd_and_never_a_bypass_producer() -> None:
     for case, resample in (("intx-irqfd", True), ("intx-userspace", False)):
         folder = DATA / "lab-x86-matrix" / case
-        verdicts, _ = rejoin(folder, scenario("lab-matrix.yaml", f"lab-{case}"))
+        verdicts, _ = rejoin(folder, scenario(f"lab-x86-matrix/{case}"))
         (nic,) = [v for v in verdicts if v.device == "nic"]
         assert nic.wiring is not None and nic.wiring.intx
         assert nic.wiring.resample is resample
