@@ -473,6 +473,8 @@ def handle_up(req: manual_cli.UpRequest) -> int:
 
 HANDLERS.update(manual_cli.HANDLERS)
 HANDLERS[manual_cli.UpRequest] = handle_up
+HANDLERS[manual_cli.LabUpRequest] = functools.partial(manual_cli.handle_lab_up,
+                                                      progress=_progress, run_dir_for=_run_dir)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -559,6 +561,7 @@ def parse_args(argv: Sequence[str]) -> tuple[Request | manual_cli.Request, bool]
     p.add_argument("--out", type=Path, help="parent folder of the run folder (default ./runs)")
     p.add_argument("--bench", action="store_true", help="also print the phase and ping "
                    "latency figures of each path, and their ratio")
+    manual_cli.add_lab_parsers(lab_sub)
     p = lab_sub.add_parser("shell", help="a root shell in the emulated host (L1)")
     p.add_argument("--out", type=Path)
     p.add_argument("--arch", choices=[a.value for a in Arch], default=None,

@@ -73,8 +73,15 @@ class HotplugRequest:
     pause_s: float = 1.0
 
 
+@dataclass(frozen=True)
+class LabUpRequest:
+    scenario: Path
+    out: Path | None
+    only: str | None = None
+
+
 Request = (UpRequest | DownRequest | SshRequest | QmpRequest | ConsoleRequest | WatchRequest
-           | HotplugRequest)
+           | HotplugRequest | LabUpRequest)
 
 
 def split_command(argv: Sequence[str]) -> tuple[list[str], tuple[str, ...]]:
@@ -126,6 +133,16 @@ def _add_hotplug_parser(sub: Any) -> None:
                    help="replug: seconds between unplug and plug (default 1)")
 
 
+def add_lab_parsers(lab_sub: Any) -> None:
+    p = lab_sub.add_parser("up", help="keep a scenario's VMs (L2) up in the emulated host (L1) "
+                           "and get a shell there, where harness ssh, qmp, console and irq "
+                           "watch reach them")
+    p.add_argument("scenario", type=Path)
+    p.add_argument("--out", type=Path, help="parent folder of the run folder (default ./runs)")
+    p.add_argument("--only", metavar="NAME", help="the scenario of this name, in a file of "
+                   "several (default: the first)")
+
+
 def add_irq_parsers(irq_sub: Any) -> None:
     p = irq_sub.add_parser("watch", help="live per-vector interrupt rates of a VM of harness "
                            "up (like irqtop), the host's side beside an assigned device's")
@@ -140,6 +157,8 @@ def add_irq_parsers(irq_sub: Any) -> None:
 
 
 def request_of(ns: argparse.Namespace, command: tuple[str, ...]) -> Request | None:
+    if ns.command == "lab" and ns.lab_command == "up":
+        return LabUpRequest(ns.scenario, ns.out, ns.only)
     if ns.command == "irq" and ns.irq_command == "watch":
         if not 0.1 <= ns.interval <= 3600:
             raise UsageError("harness irq watch: --interval must be 0.1 to 3600 seconds")
@@ -339,6 +358,35 @@ def handle_hotplug(req: HotplugRequest) -> int:
               f"{event['seconds']:.1f} s; vectors that {what}: "
               f"{', '.join(event['vectors']) or 'none'}", flush=True)
     return 0
+
+
+def handle_lab_up(req: LabUpRequest, progress: Progress,
+                  run_dir_for: Callable[[Path | None, str], Path]) -> int:
+    """L1 keeps the scenario's VMs up (harness up inside it); this terminal is a shell in L1."""
+    from harness.cli import _lab_platform
+    from harness.config import load_scenarios
+    from harness.lab.l1 import shell
+
+    scenarios = load_scenarios(req.scenario)  # bad input fails here, before L1 boots
+    names = [s.name for s in scenarios]
+    if req.only is not None and req.only not in names:
+        raise UsageError(f"{req.scenario}: no scenario named {req.only} (it has "
+                         f"{', '.join(names)})")
+    chosen = [s for s in scenarios if s.name == (req.only or names[0])]
+    platform = _lab_platform(req.scenario, chosen)
+    run_dir = run_dir_for(req.out, f"lab-up-{chosen[0].name}")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    progress(f"lab: run folder {run_dir}")
+    # L1 sees the file where it is here, or (an L1 on a root of its own) in the run folder.
+    scenario_file = str(req.scenario.resolve())
+    if platform.lab.userland is not None:
+        shutil.copyfile(req.scenario, run_dir / "scenario.yaml")
+        scenario_file = "/lab/scenario.yaml"
+    status = shell(progress, run_dir, platform, scenario_file, req.only)
+    for summary in sorted(run_dir.glob("*/summary.txt")):
+        print(summary.read_text().rstrip())
+        print(f"report: {summary.parent / 'report.json'}")
+    return status
 
 
 HANDLERS: dict[type, Callable[..., int]] = {

@@ -144,6 +144,36 @@ def shell_job() -> str:
             + "setsid -c /bin/bash --noprofile --rcfile /lab/bashrc -i\n" + _JOB_TAIL)
 
 
+def up_job(scenario_file: str, only: str | None = None) -> str:
+    """``harness lab up``: ``harness up`` keeps the scenario's VMs (L2) up in L1, and once they
+    are, the console is a shell in L1 where ``harness ssh``, ``qmp``, ``console`` and ``irq
+    watch`` reach them.  Leaving the shell ends the session as ``harness down`` does (its
+    report in the run folder) and powers L1 off."""
+    scenario = shlex.join([scenario_file, *(["--only", only] if only else [])])
+    return (_JOB_HEAD.format(repo=shlex.quote(str(repo_root())),
+                             runner=shlex.quote(socket.gethostname() or "unknown"))
+            # Sockets on tmpfs: L1's /run and /tmp show the outer machine's through 9p.
+            + "export HARNESS_RUNTIME_DIR=/dev/shm/harness\n"
+            + "echo \"harness-lab: starting the scenario's VMs in L1 (harness up; its "
+            + "progress in /lab/up.err)\"\n"
+            + f"harness up {scenario} --out /lab >/lab/up.out 2>/lab/up.err &\n"
+            + "up=$!\n"
+            + "while kill -0 $up 2>/dev/null && ! grep -q '^run folder ' /lab/up.out; do "
+            + "sleep 1; done\n"
+            + "if kill -0 $up 2>/dev/null; then\n"
+            + "    cat /lab/up.out\n"
+            + "    echo \"harness-lab: shell (L2 is up: harness ssh, qmp, console and irq watch "
+            + "reach it; exit ends the session and powers L1 off)\"\n"
+            + "    setsid -c /bin/bash --noprofile --rcfile /lab/bashrc -i\n"
+            + "    echo \"harness-lab: ending the session\"\n"
+            + "    harness down || kill -INT $up\n"
+            + "    wait $up\n"
+            + "else\n"
+            + "    echo \"harness-lab: harness up ended before its VMs were up:\"\n"
+            + "    tail -n 20 /lab/up.err\n"
+            + "fi\n" + _JOB_TAIL)
+
+
 def _write_tools(share: Path, python: str, site_packages: str | None = None) -> None:
     """``harness`` for L1's PATH (/lab/bin: the run folder), and the shell's start-up file.
 
@@ -336,11 +366,14 @@ def inner_reports(lab: LabRun) -> list[dict[str, object]]:
     return reports
 
 
-def shell(progress: Progress, run_dir: Path, platform: Platform) -> int:
-    """L1 with a login shell on this terminal; QEMU's monitor on Ctrl-A c, quit Ctrl-A x."""
+def shell(progress: Progress, run_dir: Path, platform: Platform,
+          scenario_file: str | None = None, only: str | None = None) -> int:
+    """L1 with a login shell on this terminal; QEMU's monitor on Ctrl-A c, quit Ctrl-A x.
+    With a scenario (``harness lab up``), its VMs are kept up in L1 first (:func:`up_job`)."""
     run_dir.mkdir(parents=True, exist_ok=True)
     setup = prepare(progress, run_dir, platform)
-    (run_dir / "job.sh").write_text(shell_job())
+    (run_dir / "job.sh").write_text(shell_job() if scenario_file is None
+                                    else up_job(scenario_file, only))
     argv = l1_argv(setup, run_dir.resolve()) + [
         "-chardev", "stdio,id=console,mux=on,signal=off", "-serial", "chardev:console",
         "-mon", "chardev=console,mode=readline"]
