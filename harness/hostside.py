@@ -53,8 +53,12 @@ from harness.host.vgic import (
     read_vgic_state,
     task_tgid,
 )
-from harness.interrupts import InterruptDelta, InterruptSnapshot, parse_proc_interrupts
-from harness.join import kinds_match
+from harness.interrupts import (
+    InterruptDelta,
+    InterruptSnapshot,
+    kinds_match,
+    parse_proc_interrupts,
+)
 from harness.platform import PostingModel, platform_of_uname
 
 log = logging.getLogger(__name__)

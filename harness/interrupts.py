@@ -52,6 +52,16 @@ _PER_DEVICE_CHIP = re.compile(rf"(?:[\w.]+-)*PCI-MSI(?P<x>X?)-(?P<bdf>{_BDF})")
 _SHARED_PCI_MSI_CHIPS = frozenset({"PCI-MSI", "IR-PCI-MSI", "ITS-MSI"})
 
 
+def kinds_match(guest: str, host: str) -> bool:
+    """Whether a guest vector of ``guest`` kind can be the host vector of ``host`` kind: the
+    same kind, or an MSI/MSI-X vector whose kind only a shared MSI domain printed (no sysfs)."""
+    if guest == host:
+        return True
+    if "intx" in (guest, host):
+        return False
+    return "msi-or-msix" in (guest, host)
+
+
 def normalize_bdf(bdf: str) -> str:
     """``"00:03.0"`` or ``"0000:00:03.0"`` (any case) -> ``"0000:00:03.0"``."""
     text = bdf.strip().lower()

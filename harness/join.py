@@ -25,16 +25,6 @@ if TYPE_CHECKING:
     from harness.qemu.argv import PlacedDevice
 
 
-def kinds_match(guest: str, host: str) -> bool:
-    """Whether a guest vector of ``guest`` kind can be the host vector of ``host`` kind: the
-    same kind, or an MSI/MSI-X vector whose kind only a shared MSI domain printed (no sysfs)."""
-    if guest == host:
-        return True
-    if "intx" in (guest, host):
-        return False
-    return "msi-or-msix" in (guest, host)
-
-
 @dataclass(frozen=True)
 class GuestVector:
     """One interrupt source of a scenario device, as the guest counted it in the window."""

@@ -20,8 +20,8 @@ from harness.config import load_scenarios
 from harness.config.model import DeliveryPath, Scenario
 from harness.guest.agent import GuestSnapshot, functions_from_json
 from harness.hostside import measure_recorded
-from harness.interrupts import parse_proc_interrupts
-from harness.join import GuestVector, guest_vectors, join, kinds_match
+from harness.interrupts import kinds_match, parse_proc_interrupts
+from harness.join import GuestVector, guest_vectors, join
 from harness.platform import platform_for
 from harness.qemu.argv import PlacedDevice, place_devices
 from harness.verdict import VectorVerdict
