@@ -222,12 +222,15 @@ def bare_boot_argv(platform: Platform, vm: VM, accel: str, boot: Boot, qmp_fd: i
             + boot_args(boot))
 
 
-def kvm_probe_argv(platform: Platform, qemu: str | None, payload: str | Path,
+def kvm_probe_argv(platform: Platform, qemu: str | None, payload: str | Path, qmp_fd: int,
                    accel: str = "kvm") -> list[str]:
     """The platform's probe program (:attr:`~harness.platform.Platform.kvm_probe`, in the
     file ``payload``) alone on the machine, its serial port on stdout: does KVM really run
-    guest code here?  ``accel`` is "tcg" only to check the program itself."""
+    guest code here?  QEMU starts paused (``-S``) with QMP on ``qmp_fd``, so the caller can
+    time the program from the moment it lets the vCPUs run (``cont``) rather than from QEMU's
+    own start.  ``accel`` is "tcg" only to check the program itself."""
     return [qemu or platform.qemu, *_machine(platform, None, accel), "-m", "64", *_quiet(),
+            "-S", "-chardev", f"socket,id=qmp,fd={qmp_fd}", "-mon", "chardev=qmp,mode=control",
             "-serial", "stdio", platform.kvm_probe.option, str(payload)]
 
 

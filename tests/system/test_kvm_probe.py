@@ -23,7 +23,7 @@ def test_the_probe_program_prints_its_marker_and_powers_off_under_tcg(arch: Arch
     assert run.output == PROBE_MARKER, (run.output, run.errors, run.argv)
     assert run.exit_status == 0, (run.exit_status, run.errors)
     assert ",accel=tcg" in run.argv[run.argv.index("-machine") + 1]
-    assert run.argv[-2] == platform.kvm_probe.option and run.argv[-1].startswith("/dev/fd/")
+    assert run.argv[-2] == platform.kvm_probe.option and run.argv[-1].startswith("/proc/self/fd/")
 
 
 def test_the_live_probe_gives_a_reason_either_way() -> None:

@@ -10,6 +10,7 @@ and are started through the same argv, pipes and process group as the real one.
 from __future__ import annotations
 
 import json
+import re
 import struct
 from pathlib import Path
 
@@ -23,6 +24,7 @@ from harness.host.accel import (
     cached_probe_kvm,
     choose_accel,
     probe_kvm,
+    run_probe_program,
 )
 from harness.platform import ARM64, PLATFORMS, X86_64, Accel, host_platform
 
@@ -94,9 +96,16 @@ def test_a_marker_with_a_nul_is_refused(platform: object) -> None:
 
 
 def _stand_in(tmp_path: Path, body: str) -> str:
-    """An executable that answers as QEMU does in one case (it gets QEMU's argv)."""
+    """An executable that answers as QEMU does in one case (it gets QEMU's argv).  In its
+    body, ``running`` answers the probe's two QMP commands on the descriptor the argv names,
+    as QEMU does once its paused vCPU is let run."""
     path = tmp_path / "fake-qemu"
-    path.write_text(f"#!/bin/sh\n{body}\n")
+    path.write_text("#!/bin/bash\n"
+                    'for a in "$@"; do\n'
+                    '  case "$a" in socket,id=qmp,fd=*) fd=${a##*fd=};; esac\n'
+                    'done\n'
+                    "running() { printf '%s\\n' '{\"return\": {}}' '{\"return\": {}}' >&$fd; }\n"
+                    f"{body}\n")
     path.chmod(0o755)
     return str(path)
 
@@ -108,10 +117,12 @@ def kvm_opens(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_the_marker_on_the_serial_port_means_usable(tmp_path: Path, kvm_opens: None) -> None:
-    qemu = _stand_in(tmp_path, "printf 'HARNESS-KVM-PROBE-OK\\n'; exec sleep 30")
+    qemu = _stand_in(tmp_path, "running; sleep 0.2; printf 'HARNESS-KVM-PROBE-OK\\n'; "
+                               "exec sleep 30")
     probe = probe_kvm(host_platform(), qemu)
     assert probe.usable and probe.definite, probe
-    assert probe.reason.startswith("a guest program ran under KVM and wrote to the serial")
+    assert re.fullmatch(r"a guest program ran under KVM and wrote to the serial port \d+ ms "
+                        r"after its vCPU started \(QEMU's own start: \d+ ms\)", probe.reason)
     assert probe.seconds < 30  # answered at the marker, QEMU not waited for
 
 
@@ -133,13 +144,36 @@ def test_a_silent_exit_is_named_with_its_status(tmp_path: Path, kvm_opens: None)
 
 
 def test_silence_ends_at_the_timeout_and_is_not_cached(tmp_path: Path, kvm_opens: None) -> None:
-    qemu = _stand_in(tmp_path, "exec sleep 30")
+    # QEMU up, its vCPU let run, and nothing on the serial port: a vCPU that never runs.
+    qemu = _stand_in(tmp_path, "running; exec sleep 30")
     probe = cached_probe_kvm(host_platform(), qemu, tmp_path / "cache")
     assert not probe.usable and not probe.definite
-    assert probe.reason.startswith(f"a guest program wrote nothing under KVM within "
-                                   f"{PROBE_TIMEOUT_S:g} s")
+    assert probe.reason == (f"a guest program wrote nothing under KVM within "
+                            f"{PROBE_TIMEOUT_S:g} s of its vCPU starting (/dev/kvm exists but "
+                            "runs no guest code)")
     assert probe.seconds < 10  # the stand-in was killed, not waited for
     assert not (tmp_path / "cache" / "kvm-probe.json").exists()
+
+
+def test_the_limit_counts_from_the_vcpus_start_not_from_qemus(
+        tmp_path: Path, kvm_opens: None) -> None:
+    # As in the lab's emulated host, where QEMU takes seconds to start: 1.5 s of start-up,
+    # then the marker at once, is usable (the program's own time is what is limited).
+    qemu = _stand_in(tmp_path, "sleep 1.5; running; printf 'HARNESS-KVM-PROBE-OK\\n'; "
+                               "exec sleep 30")
+    run = run_probe_program(host_platform(), qemu)
+    assert run.marker_seen and run.start_seconds is not None and run.start_seconds >= 1.5
+    assert probe_kvm(host_platform(), qemu).usable
+
+
+def test_a_qemu_that_never_starts_is_not_cached(tmp_path: Path, kvm_opens: None,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(accel, "START_TIMEOUT_S", 0.5)
+    probe = cached_probe_kvm(host_platform(), _stand_in(tmp_path, "exec sleep 30"),
+                             tmp_path / "cache")
+    assert (probe.usable, probe.definite) == (False, False)
+    assert probe.reason == "QEMU did not start its vCPU under KVM within 0.5 s"
+    assert not (tmp_path / "cache").exists()
 
 
 def test_a_definite_answer_is_cached_for_this_qemu(tmp_path: Path, kvm_opens: None) -> None:

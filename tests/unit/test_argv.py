@@ -327,16 +327,19 @@ def test_build_argv_order_and_extra_args_last(platform: Platform) -> None:
 @BOTH
 def test_kvm_probe_runs_the_platform_program_alone_on_the_serial_port(
         platform: Platform) -> None:
-    argv = kvm_probe_argv(platform, None, "/dev/fd/5")
+    argv = kvm_probe_argv(platform, None, "/proc/self/fd/5", 7)
     assert argv[0] == platform.qemu
     assert argv[argv.index("-cpu") + 1] == "host"
     assert ",accel=kvm" in argv[argv.index("-machine") + 1]
-    assert argv[-2:] == [platform.kvm_probe.option, "/dev/fd/5"]
+    assert argv[-2:] == [platform.kvm_probe.option, "/proc/self/fd/5"]
     assert "-device" not in argv and "-append" not in argv and "-initrd" not in argv
     assert argv[argv.index("-serial") + 1] == "stdio" and "-no-reboot" in argv
-    assert kvm_probe_argv(platform, "/opt/q", "/p")[0] == "/opt/q"
+    # paused, QMP on the given descriptor: the caller times the program from its "cont"
+    assert "-S" in argv and argv[argv.index("-chardev") + 1] == "socket,id=qmp,fd=7"
+    assert argv[argv.index("-mon") + 1] == "chardev=qmp,mode=control"
+    assert kvm_probe_argv(platform, "/opt/q", "/p", 7)[0] == "/opt/q"
     # Under TCG (to check the program itself) only the accelerator and CPU differ.
-    tcg = kvm_probe_argv(platform, None, "/dev/fd/5", "tcg")
+    tcg = kvm_probe_argv(platform, None, "/proc/self/fd/5", 7, "tcg")
     assert ",accel=tcg" in tcg[tcg.index("-machine") + 1]
     strip = {"-cpu", "host", platform.tcg_cpu}
     assert [a for a in argv if a not in strip and "accel=" not in a] == [
