@@ -4,9 +4,13 @@ would type them; Ctrl-C on ``up`` leaves no QEMU behind."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import pty
 import queue
+import re
+import select
 import signal
 import stat
 import subprocess
@@ -364,3 +368,115 @@ def test_a_scenario_replugs_a_nic_behind_a_root_port(tmp_path: Path, arch: str) 
     assert replug["exit_status"] == 0
     assert "unplug g/net1 (0000:01:00.0)" in replug["output_tail"]
     assert "plug g/net1 (0000:01:00.0)" in replug["output_tail"]
+
+
+# --- the lab, by hand ------------------------------------------------------------------------
+
+
+class Terminal:
+    """A command on a pseudo-terminal, typed at as a person would: one line after each
+    prompt."""
+
+    PROMPT = re.compile(rb"# $")
+
+    def __init__(self, argv: list[str], log: Path) -> None:
+        self.started = time.monotonic()
+        self.pid, self.fd = pty.fork()
+        if self.pid == 0:  # the child: the command, in the repository
+            os.chdir(REPO)
+            os.execv(argv[0], argv)
+        self.out = b""
+        self.log = log.open("wb")
+
+    def read_until(self, pattern: re.Pattern[bytes], after: int, timeout: float) -> bytes:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            found = pattern.search(self.out, after)
+            if found:
+                return self.out[after:found.end()]
+            ready, _, _ = select.select([self.fd], [], [], 1.0)
+            if ready:
+                try:
+                    data = os.read(self.fd, 65536)
+                except OSError:
+                    data = b""
+                if not data:
+                    break
+                self.log.write(data)
+                self.log.flush()
+                self.out += data
+        raise AssertionError(f"no {pattern.pattern!r} within {timeout:g} s:\n"
+                             f"{self.out[-2000:].decode(errors='replace')}")
+
+    def run(self, line: str, timeout: float = 120.0) -> str:
+        """Type ``line`` and return what came back up to the next prompt."""
+        mark = len(self.out)
+        os.write(self.fd, line.encode() + b"\n")
+        return self.read_until(self.PROMPT, mark + len(line), timeout).decode(errors="replace")
+
+    def close(self, timeout: float = 120.0) -> int:
+        """Wait for the command to end (killed at ``timeout``); its exit status."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            done, status = os.waitpid(self.pid, os.WNOHANG)
+            if done:
+                os.close(self.fd)
+                return os.waitstatus_to_exitcode(status)
+            ready, _, _ = select.select([self.fd], [], [], 0.5)
+            if ready:
+                try:
+                    self.out += os.read(self.fd, 65536)
+                except OSError:
+                    pass
+        os.kill(self.pid, signal.SIGKILL)
+        os.waitpid(self.pid, 0)
+        raise AssertionError("the command did not end")
+
+
+HARNESS = str(REPO / ".venv" / "bin" / "harness")
+
+
+def test_lab_shell_gives_a_prompt_with_harness_and_lspci(tmp_path: Path) -> None:
+    term = Terminal([HARNESS, "lab", "shell", "--out", str(tmp_path)], tmp_path / "pty.log")
+    try:
+        term.read_until(re.compile(rb"harness-lab: shell.*?# $", re.S), 0, 180)
+        print(f"lab shell: prompt after {time.monotonic() - term.started:.1f} s")
+        l1 = qemu_pids(parent=term.pid)
+        assert l1, "L1's QEMU runs as the harness's child"
+        out = term.run("harness validate configs/smoke.yaml; echo RC=$?")
+        assert "configs/smoke.yaml: ok" in out and "RC=0" in out
+        assert "/lab/bin/harness" in term.run("command -v harness")
+        out = term.run("lspci -n")
+        assert re.search(r"^00:05\.0 0200: 1af4:", out, re.M), out  # L1's NIC, for L2
+        os.write(term.fd, b"exit\n")
+        assert term.close() == 0
+    finally:
+        with contextlib.suppress(ChildProcessError, ProcessLookupError):
+            os.kill(term.pid, signal.SIGKILL)
+            os.waitpid(term.pid, 0)
+    assert not l1 & qemu_pids(), "L1's QEMU outlived the shell"
+
+
+def test_lab_up_keeps_l2_up_for_the_verbs_inside_l1(tmp_path: Path) -> None:
+    term = Terminal([HARNESS, "lab", "up", str(REPO / "configs" / "manual-lab.yaml"),
+                     "--out", str(tmp_path)], tmp_path / "pty.log")
+    try:
+        term.read_until(re.compile(rb"harness-lab: shell \(L2 is up.*?# $", re.S), 0, 400)
+        assert "6.1" in term.run("harness ssh l2 -- uname -r </dev/null")
+        term.run("harness ssh l2 -- ping -q -c 40 -i 0.02 10.0.2.2 </dev/null")
+        out = term.run("harness irq watch l2 --count 1 --interval 1 --json")
+        frame = json.loads(next(ln for ln in out.splitlines() if ln.startswith("{")))
+        nic = {r["name"]: r for r in frame["rows"] if r["device"] == "nic"}
+        inp = nic["virtio1-input.0"]
+        assert inp["bdf"] == "0000:01:00.0" and inp["total"] >= 40
+        assert inp["host"] is not None and "KVM irqfd" in inp["host"]["wiring"]
+        os.write(term.fd, b"exit\n")
+        assert term.close(300) == 0
+    finally:
+        with contextlib.suppress(ChildProcessError, ProcessLookupError):
+            os.kill(term.pid, signal.SIGKILL)
+            os.waitpid(term.pid, 0)
+    (report,) = tmp_path.glob("lab-up-manual-lab-*/manual-lab-*/report.json")
+    data = json.loads(report.read_text())
+    paths = {v["name"]: v["path"] for v in data["vectors"] if v["device"] == "nic"}
+    assert paths["virtio1-input.0"] == "irqfd-bounce"
