@@ -147,7 +147,6 @@ class ProbePayload:
 
     option: str  # how QEMU loads the file: "-bios" (x86's reset vector) or "-kernel"
     build: Callable[[bytes], bytes]  # marker -> the file's bytes
-    what: str  # one line for messages and the README
 
 
 def _rel(target: int, end: int, size: int) -> bytes:
@@ -330,9 +329,9 @@ X86_64 = Platform(
         device_options=_frozen(romfile=""),
         virtio_options=_frozen(iommu_platform="on", ats="on", **{"disable-legacy": "on"}),
         what="TCG, SVM, VT-d with IRQ remapping", recipe="lab-host"),
-    kvm_probe=ProbePayload("-bios", x86_probe_image,
-                           "26 bytes of real-mode code at the reset vector (a 64 KiB -bios "
-                           "image): the marker to COM1, then a reset through port 0xcf9"),
+    # 26 bytes of real-mode code reached from the reset vector (a 64 KiB -bios image): the
+    # marker to COM1, then a reset through port 0xcf9 that -no-reboot makes QEMU's exit.
+    kvm_probe=ProbePayload("-bios", x86_probe_image),
 )
 
 ARM64 = Platform(
@@ -361,9 +360,9 @@ ARM64 = Platform(
         virtio_options=_frozen(iommu_platform="on", **{"disable-legacy": "on"}),
         what="TCG at EL2, GICv4, SMMUv3", recipe="lab-host-arm64",
         userland="lab-host-arm64"),
-    kvm_probe=ProbePayload("-kernel", arm64_probe_image,
-                           "13 AArch64 instructions loaded raw by -kernel: the marker to the "
-                           "PL011, then PSCI SYSTEM_OFF through HVC"),
+    # 13 AArch64 instructions loaded raw by -kernel: the marker to the PL011, then PSCI
+    # SYSTEM_OFF through HVC.
+    kvm_probe=ProbePayload("-kernel", arm64_probe_image),
     # No firmware loads option ROMs on this machine: do not ask QEMU to find one.
     nic_options=_frozen(romfile=""),
 )
