@@ -244,7 +244,8 @@ def format_scaling(bench: BenchResult) -> list[str]:
             "harness RSS", "")
     widths = [max(len(row[c]) for row in [head, *rows]) for c in range(len(head))]
     out = ["  scaling (VMs boot side by side, workloads run one after another; other: prepare, "
-           "snapshots, verdicts, teardown; harness RSS: its peak once that many ran; medians):"]
+           "snapshots, verdicts, release, teardown; harness RSS: its peak once that many ran; "
+           "medians):"]
     for row in [head, *rows]:
         out.append("    " + "  ".join(cell.rjust(w) if c < len(head) - 1 else cell
                                       for c, (cell, w) in enumerate(zip(row, widths,
