@@ -60,6 +60,12 @@ class PeakMemory:
                    resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
 
 
+def children_cpu_seconds() -> float:
+    """CPU time (user + system) of this process's children that ended: the QEMUs, mostly."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
 @dataclass
 class BenchResult:
     scenario: str
@@ -73,6 +79,7 @@ class BenchResult:
     memory: PeakMemory | None = None
     probe: KvmProbe | None = None  # the KVM probe run once, uncached
     load: tuple[float, float] | None = None  # 1-minute load average at the start, at the end
+    cpu: dict[str, float] = field(default_factory=dict)  # run id -> its children's CPU seconds
 
     @property
     def all_passed(self) -> bool:
@@ -165,7 +172,9 @@ def run_bench(scenario: Scenario, scenario_file: str, out: Path, repeat: int,
         progress(f"bare kernel boot {i + 1}/{repeat}: {seconds:.2f} s")
         for n in copies:
             folder = f"run-{i}" if n == 1 else f"run-{i}-x{n}"
+            cpu = children_cpu_seconds()
             run = run_scenario(replicate(scenario, n), scenario_file, out / folder, progress)
+            result.cpu[run.run_id] = children_cpu_seconds() - cpu  # its QEMUs are gone now
             (result.runs if n == 1 else result.scaled.setdefault(n, [])).append(run)
             if i == 0:  # the peak so far, VM counts ascending: how it grows with them
                 result.peak_after[n] = PeakMemory.now()
@@ -234,18 +243,24 @@ def format_scaling(bench: BenchResult) -> list[str]:
         vms = len(runs[0].scenario.vms)
         other = statistics.median(r.total_seconds - boot_seconds(r) - workload_seconds(r)
                                   for r in runs)
+        cpu = [bench.cpu[r.run_id] for r in runs if r.run_id in bench.cpu]
+        busy = [bench.cpu[r.run_id] / r.total_seconds for r in runs
+                if r.run_id in bench.cpu and r.total_seconds > 0]
         rows.append((str(vms),
                      f"{total:.2f}", f"{statistics.median(boot_seconds(r) for r in runs):.2f}",
                      f"{statistics.median(workload_seconds(r) for r in runs):.2f}",
                      f"{other:.2f}", f"{total / vms:.2f}", f"{total / one:.2f}x" if one else "-",
+                     f"{statistics.median(cpu):.1f}" if cpu else "-",
+                     f"{statistics.median(busy):.2f}" if busy else "-",
                      _mib(peak.harness_kib) if peak else "-",
                      "" if all(r.passed for r in runs) else "FAILED"))
     head = ("VMs", "total s", "boot s", "workload s", "other s", "s per VM", "vs 1 copy",
-            "harness RSS", "")
+            "QEMU CPU s", "cores busy", "harness RSS", "")
     widths = [max(len(row[c]) for row in [head, *rows]) for c in range(len(head))]
     out = ["  scaling (VMs boot side by side, workloads run one after another; other: prepare, "
-           "snapshots, verdicts, release, teardown; harness RSS: its peak once that many ran; "
-           "medians):"]
+           "snapshots, verdicts, release, teardown; QEMU CPU: the children's user + system "
+           "time, and over the total, the cores they kept busy; harness RSS: its peak once "
+           "that many ran; medians):"]
     for row in [head, *rows]:
         out.append("    " + "  ".join(cell.rjust(w) if c < len(head) - 1 else cell
                                       for c, (cell, w) in enumerate(zip(row, widths,

@@ -116,6 +116,9 @@ def _bench() -> BenchResult:
     bench.memory = PeakMemory(91 << 10, 312 << 10)
     bench.probe = KvmProbe(False, "QEMU with -accel kvm -cpu host failed: no", 0.04)
     bench.load = (1.5, 2.25)
+    # QEMU CPU seconds: 1.2 cores busy for each run of one VM, 2 for the others
+    bench.cpu = {r.run_id: r.total_seconds * (1.2 if n == 1 else 2.0)
+                 for n in (1, 2, 4) for r in bench.runs_of(n)}
     return bench
 
 
@@ -127,11 +130,15 @@ def test_the_table_gives_medians_per_vm_and_the_growth() -> None:
     assert head[:4] == ["VMs", "total", "s", "boot"]
     # Every run spends 1.0 s outside boot and workload (prepare, snapshot, verdict, teardown).
     # 1 VM: totals 7.0, 8.2, 7.5 -> median 7.50; boot 4.4; workload 2.1
-    assert one == ["1", "7.50", "4.40", "2.10", "1.00", "7.50", "1.00x", "60", "MiB"]
+    # (VMs, total, boot, workload, other, per VM, vs 1, QEMU CPU, cores busy, RSS)
+    assert one == ["1", "7.50", "4.40", "2.10", "1.00", "7.50", "1.00x", "9.0", "1.20",
+                   "60", "MiB"]
     # 2 VMs: totals 11.0, 11.6, 11.0 -> 11.00; per VM 5.50; 11.0 / 7.5 = 1.47x
-    assert two == ["2", "11.00", "6.00", "4.20", "1.00", "5.50", "1.47x", "70", "MiB"]
+    assert two == ["2", "11.00", "6.00", "4.20", "1.00", "5.50", "1.47x", "22.0", "2.00",
+                   "70", "MiB"]
     # 4 VMs: totals 21.0, 21.8, 23.0 -> 21.80; per VM 5.45; 21.8 / 7.5 = 2.91x
-    assert four == ["4", "21.80", "12.00", "8.80", "1.00", "5.45", "2.91x", "90", "MiB"]
+    assert four == ["4", "21.80", "12.00", "8.80", "1.00", "5.45", "2.91x", "43.6", "2.00",
+                    "90", "MiB"]
     assert "  peak memory (RSS): harness process 91 MiB; largest child 312 MiB (a QEMU)" in lines
     assert ("  KVM probe, uncached: 0.04 s (not usable: QEMU with -accel kvm -cpu host failed: "
             "no)") in lines
