@@ -23,7 +23,7 @@ import json
 import shlex
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -49,15 +49,27 @@ class HotplugEvent:
     at: float  # time.time() when the step ended
     seconds: float
     vectors: tuple[str, ...]  # "IRQ name" of the device's vectors that went (unplug) or came
+    # an assigned device: the host's bypass wiring of its vfio vectors right after the step
+    # (one line each; none once unplugged), as the up process's tracker saw it
+    wiring: tuple[str, ...] | None = None
 
     def describe(self) -> str:
         what = "went" if self.action == "unplug" else "came"
         vectors = ", ".join(self.vectors) or "none"
-        return (f"{self.action} {self.vm}/{self.device} ({self.bdf}) in {self.seconds:.1f} s; "
+        text = (f"{self.action} {self.vm}/{self.device} ({self.bdf}) in {self.seconds:.1f} s; "
                 f"vectors that {what}: {vectors}")
+        if self.wiring is not None:
+            text += "; host wiring now: " + ("; ".join(self.wiring) or
+                                              "none (no vfio vector of it on the host)")
+        return text
 
     def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "vectors": list(self.vectors)}
+        return {**asdict(self), "vectors": list(self.vectors),
+                "wiring": None if self.wiring is None else list(self.wiring)}
+
+
+#: Adds to an event what the host saw right after the step (an assigned device's wiring).
+Observe = Callable[[HotplugEvent], HotplugEvent]
 
 
 def _placed(vm: GuestVM, device_id: str) -> PlacedDevice:
@@ -105,7 +117,8 @@ def log_event(run_dir: Path, event: HotplugEvent) -> None:
         fh.write(json.dumps(event.to_dict()) + "\n")
 
 
-def unplug(vm: GuestVM, device_id: str, timeout: float = 60.0) -> HotplugEvent:
+def unplug(vm: GuestVM, device_id: str, timeout: float = 60.0,
+           observe: Observe | None = None) -> HotplugEvent:
     """``device_del`` and wait until QEMU reports the device deleted and the guest's PCI
     function is gone."""
     placed = _placed(vm, device_id)
@@ -133,11 +146,14 @@ def unplug(vm: GuestVM, device_id: str, timeout: float = 60.0) -> HotplugEvent:
                          f"{placed.bdf}")
     event = HotplugEvent(vm.name, device_id, "unplug", placed.bdf, time.time(),
                          time.monotonic() - started, _vectors(before, placed.bdf))
+    if observe is not None:
+        event = observe(event)
     log_event(vm.run_dir, event)
     return event
 
 
-def plug(vm: GuestVM, device_id: str, timeout: float = 60.0) -> HotplugEvent:
+def plug(vm: GuestVM, device_id: str, timeout: float = 60.0,
+         observe: Observe | None = None) -> HotplugEvent:
     """``device_add`` the device back as it was booted; wait until its guest driver holds
     its vectors (a NIC's address is set again)."""
     placed = _placed(vm, device_id)
@@ -176,6 +192,8 @@ def plug(vm: GuestVM, device_id: str, timeout: float = 60.0) -> HotplugEvent:
         time.sleep(0.5)
     event = HotplugEvent(vm.name, device_id, "plug", placed.bdf, time.time(),
                          time.monotonic() - started, _vectors(snap, placed.bdf))
+    if observe is not None:
+        event = observe(event)
     log_event(vm.run_dir, event)
     return event
 
@@ -193,17 +211,20 @@ def _nic_up_script(mac: str, address: str, timeout: float) -> str:
 
 
 def step(vm: GuestVM, hotplug: Hotplug, timeout: float,
-         progress: Progress = lambda message: None) -> list[HotplugEvent]:
-    """One scenario step: unplug, plug, or both ``pause_s`` apart, within ``timeout``."""
+         progress: Progress = lambda message: None,
+         observe: Observe | None = None) -> list[HotplugEvent]:
+    """One scenario step: unplug, plug, or both ``pause_s`` apart, within ``timeout``;
+    ``observe`` may add to each event what the host saw right after it (its wiring)."""
     deadline = time.monotonic() + timeout
     events = []
     if hotplug.action in (HotplugAction.UNPLUG, HotplugAction.REPLUG):
-        events.append(unplug(vm, hotplug.device, timeout))
+        events.append(unplug(vm, hotplug.device, timeout, observe))
         progress(events[-1].describe())
     if hotplug.action is HotplugAction.REPLUG:
         time.sleep(min(hotplug.pause_s, max(deadline - time.monotonic(), 0.0)))
     if hotplug.action in (HotplugAction.PLUG, HotplugAction.REPLUG):
-        events.append(plug(vm, hotplug.device, max(deadline - time.monotonic(), 1.0)))
+        events.append(plug(vm, hotplug.device, max(deadline - time.monotonic(), 1.0),
+                           observe))
         progress(events[-1].describe())
     return events
 
@@ -239,7 +260,20 @@ def session_handlers(session: Any) -> dict[str, Callable[[dict[str, Any]], dict[
         except ValueError as exc:
             raise UsageError(f"unknown hotplug action {message.get('action')!r}") from exc
         h = Hotplug(str(message.get("device")), action, float(message.get("pause_s", 1.0)))
-        events = step(vms[name], h, float(message.get("timeout", 120.0)))
+        vm = vms[name]
+        host = next((p.device.assigned_host for p in vm.placed if p.device.id == h.device),
+                    None)
+
+        def observe(event: HotplugEvent) -> HotplugEvent:
+            """The host's wiring of an assigned device's vectors now (the tracker's)."""
+            if host is None or session.host is None:
+                return event
+            wiring = session.wiring({}).get("wiring", [])
+            lines = tuple(f"entry {w['entry']}: {w['summary']}" for w in wiring
+                          if w.get("bdf") == host)
+            return replace(event, wiring=lines)
+
+        events = step(vm, h, float(message.get("timeout", 120.0)), observe=observe)
         return {"ok": True, "events": [e.to_dict() for e in events]}
 
     return {"hotplug": hotplug}

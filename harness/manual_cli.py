@@ -354,9 +354,12 @@ def handle_hotplug(req: HotplugRequest) -> int:
                      device=rest[1], pause_s=req.pause_s)
     for event in answer.get("events", []):
         what = "went" if event["action"] == "unplug" else "came"
+        wiring = event.get("wiring")
+        host = ("" if wiring is None else "; host wiring now: "
+                + ("; ".join(wiring) or "none (no vfio vector of it on the host)"))
         print(f"{event['action']} {event['vm']}/{event['device']} ({event['bdf']}) in "
               f"{event['seconds']:.1f} s; vectors that {what}: "
-              f"{', '.join(event['vectors']) or 'none'}", flush=True)
+              f"{', '.join(event['vectors']) or 'none'}{host}", flush=True)
     return 0
 
 

@@ -376,7 +376,7 @@ class Session:
         self._lock = threading.Lock()  # one request at a time touches the host's evidence
         self._ended_by = ""
         self._handlers: dict[str, Handler] = {"down": self._down, "status": self._status,
-                                              "wiring": self._wiring, **(handlers or {})}
+                                              "wiring": self.wiring, **(handlers or {})}
         self.host: HostEvidence | None = None
         self._server: _ControlServer | None = None
         self._keys: list[Path] = []
@@ -399,7 +399,7 @@ class Session:
     def _status(self, message: dict[str, Any]) -> dict[str, Any]:
         return {"ok": True, "pid": os.getpid(), "ready": self.ready_at is not None}
 
-    def _wiring(self, message: dict[str, Any]) -> dict[str, Any]:
+    def wiring(self, message: dict[str, Any]) -> dict[str, Any]:
         """The bypass wiring of every assigned vector now, as the trace shows it so far."""
         if self.host is None:
             return {"ok": True, "wiring": [], "note": "nothing is assigned"}

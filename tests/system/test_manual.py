@@ -470,6 +470,20 @@ def test_lab_up_keeps_l2_up_for_the_verbs_inside_l1(tmp_path: Path) -> None:
         inp = nic["virtio1-input.0"]
         assert inp["bdf"] == "0000:01:00.0" and inp["total"] >= 40
         assert inp["host"] is not None and "KVM irqfd" in inp["host"]["wiring"]
+        # the assigned NIC unplugged and plugged back: the host's wiring goes and comes back
+        out = term.run("harness hotplug l2 replug nic", timeout=240)
+        unplugged = next(ln for ln in out.splitlines() if ln.startswith("unplug l2/nic"))
+        plugged = next(ln for ln in out.splitlines() if ln.startswith("plug l2/nic"))
+        assert "host wiring now: none" in unplugged
+        assert "connected to KVM irqfd" in plugged
+        term.run("harness ssh l2 -- sh -c 'ip link set $(harness-agent ifname 0000:01:00.0) up"
+                 " && ip addr replace 10.0.2.15/24 dev $(harness-agent ifname 0000:01:00.0)"
+                 " && ping -q -c 40 -i 0.02 10.0.2.2' </dev/null")
+        out = term.run("harness irq watch l2 --count 1 --interval 1 --json")
+        frame = json.loads(next(ln for ln in out.splitlines() if ln.startswith("{")))
+        back = next(r for r in frame["rows"] if r["device"] == "nic"
+                    and r["name"] == "virtio1-input.0")
+        assert back["host"] is not None and back["host"]["total"] >= 40
         os.write(term.fd, b"exit\n")
         assert term.close(300) == 0
     finally:
@@ -480,3 +494,7 @@ def test_lab_up_keeps_l2_up_for_the_verbs_inside_l1(tmp_path: Path) -> None:
     data = json.loads(report.read_text())
     paths = {v["name"]: v["path"] for v in data["vectors"] if v["device"] == "nic"}
     assert paths["virtio1-input.0"] == "irqfd-bounce"
+    events = [json.loads(line) for line in
+              (report.parent / "hotplug.jsonl").read_text().splitlines()]
+    assert [(e["action"], bool(e["wiring"])) for e in events] == [("unplug", False),
+                                                                   ("plug", True)]
