@@ -116,6 +116,7 @@ def _bench() -> BenchResult:
     bench.memory = PeakMemory(91 << 10, 312 << 10)
     bench.probe = KvmProbe(False, "QEMU with -accel kvm -cpu host failed: no", 0.04)
     bench.load = (1.5, 2.25)
+    bench.bare_cpu = [4.5, 4.8, 4.2]  # 1.5 cores busy each
     # QEMU CPU seconds: 1.2 cores busy for each run of one VM, 2 for the others
     bench.cpu = {r.run_id: r.total_seconds * (1.2 if n == 1 else 2.0)
                  for n in (1, 2, 4) for r in bench.runs_of(n)}
@@ -142,6 +143,9 @@ def test_the_table_gives_medians_per_vm_and_the_growth() -> None:
     assert "  peak memory (RSS): harness process 91 MiB; largest child 312 MiB (a QEMU)" in lines
     assert ("  KVM probe, uncached: 0.04 s (not usable: QEMU with -accel kvm -cpu host failed: "
             "no)") in lines
+    bare = lines.index(next(ln for ln in lines if ln.startswith("  bare kernel boot")))
+    assert lines[bare + 1].split() == ["QEMU", "CPU", "4.50", "s:", "1.50", "cores", "busy",
+                                       "while", "it", "boots"]
     host = next(ln for ln in lines if ln.startswith("  host: "))
     assert "1-minute load average 1.50 at the start, 2.25 at the end" in host
     assert "FAILED" not in text
