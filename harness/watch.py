@@ -30,7 +30,8 @@ class HostSide:
     """The host vector of an assigned device's guest vector, over the same frame."""
 
     irq: str
-    total: int
+    count: int  # the host vector's interrupts in the frame
+    total: int  # its count since it was set up
     rate: float
     wiring: str  # the tracker's one-line description, "" when unknown
 
@@ -56,7 +57,7 @@ class Row:
                 "per_cpu": [round(r, 2) for r in self.per_cpu], "count": self.count,
                 "total": self.total, "path": self.path, "status": self.status,
                 "host": None if self.host is None else {
-                    "irq": self.host.irq, "total": self.host.total,
+                    "irq": self.host.irq, "count": self.host.count, "total": self.host.total,
                     "rate": round(self.host.rate, 2), "wiring": self.host.wiring}}
 
 
@@ -129,7 +130,7 @@ def make_frame(vm: str, devices: Sequence[Device], before: InterruptSnapshot,
             h = host_rows.get((device.host, entry))
             w = wired.get((device.host, entry))
             if h is not None:
-                host = HostSide(h.label, h.total, h.total * per_s,
+                host = HostSide(h.label, h.total, h.line.total, h.total * per_s,
                                 str(w.get("summary", "")) if w else "")
             if r.total:
                 found, _ = classify(False, r.total, h.total if h is not None else None,
