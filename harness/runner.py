@@ -24,7 +24,7 @@ from pathlib import Path
 from types import FrameType, MappingProxyType
 
 from harness.config.model import Scenario, Stage
-from harness.errors import GuestError, HarnessError, Interrupted
+from harness.errors import GuestError, HarnessError, Interrupted, OutputError
 from harness.guest.agent import GuestSnapshot, functions_to_json
 from harness.host.binding import VfioBinding
 from harness.hostside import HostEvidence, HostMeasurement, HostSnapshot, ReleaseState
@@ -114,11 +114,20 @@ def snapshot(vms: tuple[GuestVM, ...], host: HostEvidence | None, label: str,
     guests = {}
     for vm in vms:
         guests[vm.name] = vm.snapshot()
-        (run_dir / f"{vm.name}.{label}.interrupts").write_text(guests[vm.name].raw_interrupts)
+        save(run_dir / f"{vm.name}.{label}.interrupts", guests[vm.name].raw_interrupts)
         # The PCI functions (MSI IRQs and INTx line from sysfs): what the join reads.
-        (run_dir / f"{vm.name}.{label}.devices.json").write_text(
-            functions_to_json(guests[vm.name].devices))
+        save(run_dir / f"{vm.name}.{label}.devices.json",
+             functions_to_json(guests[vm.name].devices))
     return Window(MappingProxyType(guests), host.snapshot(label) if host else None)
+
+
+def save(path: Path, text: str) -> None:
+    """One piece of the run's evidence into the run folder; a full disk is the run's error
+    (exit 4, the file named), not a traceback."""
+    try:
+        path.write_text(text)
+    except OSError as exc:
+        raise OutputError(f"cannot write {path}: {exc.strerror or exc}") from exc
 
 
 def run_workloads(scenario: Scenario, vms: tuple[GuestVM, ...], run_dir: Path,
@@ -259,7 +268,7 @@ def _run(scenario: Scenario, scenario_file: str, run_dir: Path, progress: Progre
                 raise died from exc
             finally:
                 run.update(console_tails=MappingProxyType(
-                    {vm.name: vm.console_tail() for vm in vms}))
+                    {vm.name: _console_evidence(vm) for vm in vms}))
                 teardown_started = time.monotonic()
                 with _signals_held() as held:
                     stack.close()
@@ -353,6 +362,16 @@ def _qemu_death(vms: list[GuestVM], phase: str | None, cause: Exception,
         if time.monotonic() >= deadline:
             return None
         time.sleep(0.2)
+
+
+def _console_evidence(vm: GuestVM) -> str:
+    """The console's last lines for the report, led by its fatal line (a panic) when that has
+    scrolled out of them under its stack trace."""
+    tail = vm.console_tail()
+    fatal = _fatal_console_line(vm)
+    if fatal is None or fatal in tail:
+        return tail
+    return f"{fatal}\n[... the console log in the run folder has the lines between]\n{tail}"
 
 
 def _fatal_console_line(vm: GuestVM, window: int = 256 << 10) -> str | None:
