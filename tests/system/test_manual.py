@@ -66,6 +66,7 @@ class Up:
     runtime: Path
     out: Path
     env: dict[str, str]
+    ready_s: float = 0.0  # from the up command to its "run folder" line (a figure, printed)
 
     def harness(self, *args: str, timeout: float = 60.0,
                 check: bool = True) -> subprocess.CompletedProcess[str]:
@@ -120,6 +121,7 @@ def start_up(tmp: Path, scenario: str = SCENARIO, timeout: float = 240.0) -> Up:
                 break
             log.write(line)
             if line.startswith("run folder "):
+                up.ready_s = time.monotonic() - (deadline - timeout)
                 return up
     proc.kill()
     proc.wait()
@@ -150,6 +152,7 @@ def up(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Up]:
 
 
 def test_ssh_runs_a_command_in_the_guest_with_its_exit_status(up: Up) -> None:
+    print(f"harness up -> its VMs handed over: {up.ready_s:.1f} s")
     done = up.harness("ssh", "guest0", "--", "uname", "-m")
     assert done.stdout.strip() == host_platform().uname
     # the words after -- reach the guest as they were (quoted for its shell), the exit status
