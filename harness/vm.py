@@ -112,19 +112,14 @@ class GuestVM:
         if self.spec.qemu is not None:
             check_qemu_binary(self.spec.qemu, platform)
         if isinstance(image, CloudImage):
-            # The accelerator probe boots a known kernel: the builtin one.
-            probe_kernel = ensure_image(platform.recipes[0], platform,
-                                        progress=self.progress).kernel
-            self.image = None
+            self.image = None  # the accelerator probe runs a program of its own, no kernel
         else:
             user_kernel = (UserKernel(Path(image.kernel), platform,
                                       Path(image.modules) if image.modules else None)
                            if isinstance(image, KernelImage) else None)
             self.image = ensure_image(self.recipe().name, platform, progress=self.progress,
                                       user_kernel=user_kernel)
-            probe_kernel = self.image.kernel
-        self.accel = choose_accel(self.spec.accel, platform, self.spec.qemu, probe_kernel,
-                                  cache_root())
+        self.accel = choose_accel(self.spec.accel, platform, self.spec.qemu, None, cache_root())
         self.progress(f"{self.name}: accel {self.accel.accel} ({self.accel.reason})")
         self.placed = qargv.place_devices(self.spec.devices, platform)
 

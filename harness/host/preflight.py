@@ -122,7 +122,7 @@ def _accel(view: HostView, accel_probe: AccelProbe | None) -> AccelReport:
         problem = kvm_device_problem()
         evidence.append(Evidence("/dev/kvm", problem or "present, read-write",
                                  "KVM cannot be opened" if problem else
-                                 "exists; only a boot test shows whether it runs a guest"))
+                                 "exists; only running guest code shows whether it works"))
     hypervisor = next((ln for ln in view.kernel_log.lines
                        if ln.message.startswith("Hypervisor detected:")), None)
     if hypervisor is not None:
@@ -132,7 +132,7 @@ def _accel(view: HostView, accel_probe: AccelProbe | None) -> AccelReport:
         if view.live:
             accel_probe = kvm_probe()
         else:
-            return AccelReport("unknown", None, "a recorded host: the KVM probe boots a guest "
+            return AccelReport("unknown", None, "a recorded host: the KVM probe runs guest code "
                                "and only runs on the live host", tuple(evidence))
     probe = accel_probe()
     evidence.append(Evidence("kvm probe", probe.reason,
@@ -184,9 +184,9 @@ def preflight(root: Path = Path("/"), devices: Sequence[str] = (),
               view: HostView | None = None) -> PreflightReport:
     """Everything preflight knows about the host under ``root`` and the given devices.
 
-    ``accel_probe`` defaults to :func:`~harness.host.accel.kvm_probe` (booting the host's own
-    kernel) on a live host and to no probe on a recorded tree (the accelerator is then
-    reported as not probed); the command line passes one that boots the cached guest kernel.
+    ``accel_probe`` defaults to :func:`~harness.host.accel.kvm_probe` (a tiny guest program
+    under KVM) on a live host and to no probe on a recorded tree (the accelerator is then
+    reported as not probed).
     """
     view = view if view is not None else HostView(root)
     iommu = probe_iommu(view=view)

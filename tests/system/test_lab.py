@@ -161,7 +161,7 @@ def test_preflight_binding_sigkill_and_restore_in_the_lab(tmp_path: Path) -> Non
     assert "removed the kprobes and trace instance" in (share / "restore.out").read_text()
     report = json.loads((share / "preflight.json").read_text())
     text = json.dumps(report)
-    # Preflight inside L1 agrees with what runs there: KVM runs its guests (boot-tested).
+    # Preflight inside L1 agrees with what runs there: KVM runs guest code (probed).
     assert report["accel"]["kvm_usable"] is True, text[:2000]
     assert report["iommu"]["enabled"]["value"] is True, text[:2000]
     assert report["iommu"]["remapping"]["value"] is True
