@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import shlex
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
@@ -248,9 +249,15 @@ def run_workload(workload: Workload, vm: GuestVM, progress: Progress) -> Workloa
 
 
 def session_handlers(session: Any) -> dict[str, Callable[[dict[str, Any]], dict[str, Any]]]:
-    """``harness hotplug`` through the ``up`` process: it owns the VMs' QMP and agent."""
+    """``harness hotplug`` through the ``up`` process: it owns the VMs' QMP and agent.  One
+    step at a time: a second request waits for the first."""
+    one_at_a_time = threading.Lock()
 
     def hotplug(message: dict[str, Any]) -> dict[str, Any]:
+        with one_at_a_time:
+            return _hotplug(message)
+
+    def _hotplug(message: dict[str, Any]) -> dict[str, Any]:
         vms = {vm.name: vm for vm in session.vms}
         name = str(message.get("vm"))
         if name not in vms:

@@ -302,8 +302,9 @@ Handler = Callable[[dict[str, Any]], dict[str, Any]]
 
 
 class _ControlServer:
-    """The ``up`` process's control socket: one JSON request per connection, answered in a
-    thread of its own (the main thread waits for the session's end)."""
+    """The ``up`` process's control socket: one JSON request per connection, each answered in
+    a thread of its own (a hot-plug that takes its time holds up neither ``harness down`` nor
+    ``irq watch``; the main thread waits for the session's end)."""
 
     def __init__(self, path: Path, handlers: Mapping[str, Handler]) -> None:
         self._handlers = handlers
@@ -325,24 +326,28 @@ class _ControlServer:
                 continue
             except OSError:
                 return
-            with conn:
-                conn.settimeout(30.0)
-                try:
-                    message = json.loads(_read_line(conn))
-                    handler = self._handlers.get(str(message.get("op")))
-                    if handler is None:
-                        answer: dict[str, Any] = {"error": f"unknown op {message.get('op')!r}"}
-                    else:
-                        answer = handler(message)
-                except HarnessError as exc:
-                    answer = {"error": str(exc), "exit_code": exc.exit_code}
-                except (OSError, ValueError, AttributeError) as exc:
-                    answer = {"error": f"bad request: {exc}"}
-                except Exception as exc:  # noqa: BLE001 - one request must not end the session
-                    log.exception("control request failed")
-                    answer = {"error": f"{type(exc).__name__}: {exc}"}
-                with contextlib.suppress(OSError):
-                    conn.sendall(json.dumps(answer).encode() + b"\n")
+            threading.Thread(target=self._answer, args=(conn,), name="session-request",
+                             daemon=True).start()
+
+    def _answer(self, conn: socket.socket) -> None:
+        with conn:
+            conn.settimeout(30.0)
+            try:
+                message = json.loads(_read_line(conn))
+                handler = self._handlers.get(str(message.get("op")))
+                if handler is None:
+                    answer: dict[str, Any] = {"error": f"unknown op {message.get('op')!r}"}
+                else:
+                    answer = handler(message)
+            except HarnessError as exc:
+                answer = {"error": str(exc), "exit_code": exc.exit_code}
+            except (OSError, ValueError, AttributeError) as exc:
+                answer = {"error": f"bad request: {exc}"}
+            except Exception as exc:  # noqa: BLE001 - one request must not end the session
+                log.exception("control request failed")
+                answer = {"error": f"{type(exc).__name__}: {exc}"}
+            with contextlib.suppress(OSError):
+                conn.sendall(json.dumps(answer).encode() + b"\n")
 
     def close(self) -> None:
         self._stop.set()
