@@ -110,8 +110,8 @@ class VM:
         "architecture's (with its required options); accel= (the accel key says it), the "
         "boot options (kernel=, initrd=, append=, dtb=, firmware=) and dumpdtb= are refused"))
     accel: Accel = field(default=Accel.AUTO, metadata=doc(
-        "auto tests KVM with a tiny guest program (cached per host boot) and falls back to TCG; kvm uses it "
-        "untested (an error if /dev/kvm cannot be opened); tcg never uses it"))
+        "auto tests KVM with a tiny guest program (cached per host boot) and falls back to "
+        "TCG; kvm uses it untested (an error if /dev/kvm cannot be opened); tcg never uses it"))
     cpus: int = field(default=2, metadata=doc("vCPUs", minimum=1, maximum=64))
     memory_mib: int = field(default=512, metadata=doc("guest memory", minimum=128,
                                                       maximum=1048576))
