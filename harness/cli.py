@@ -33,8 +33,7 @@ from harness.report.command import handle as handle_report
 from harness.report.command import request as report_request
 
 if TYPE_CHECKING:
-    from harness.config.model import Scenario
-    from harness.platform import Platform
+    pass
 
 
 @dataclass(frozen=True)
@@ -321,10 +320,10 @@ def handle_trace(req: TraceRequest) -> int:
 
 def handle_lab_run(req: LabRunRequest) -> int:
     from harness.config import load_scenarios
-    from harness.lab.l1 import LabBoot, run_in_lab
+    from harness.lab.l1 import LabBoot, lab_platform, run_in_lab
 
     scenarios = load_scenarios(req.scenario)  # bad input fails here, before L1 boots
-    platform = _lab_platform(req.scenario, scenarios)
+    platform = lab_platform(req.scenario, scenarios)
     run_dir = _run_dir(req.out, f"lab-{scenarios[0].name}")
     _progress(f"lab: run folder {run_dir}")
     # L1 sees the file where it is here, or (an L1 on a root of its own) in the run folder.
@@ -361,18 +360,6 @@ def handle_lab_run(req: LabRunRequest) -> int:
               f"{run_dir}/l1-job.log", file=sys.stderr)
         return max(lab.exit_status or 1, 1)
     return lab.exit_status if lab.exit_status is not None else 1
-
-
-def _lab_platform(path: Path, scenarios: Sequence[Scenario]) -> Platform:
-    """The lab's architecture: the one the scenarios' VMs name (L2 runs under KVM in L1, so
-    they are of L1's architecture), this machine's if none names one."""
-    from harness.platform import host_platform, platform_for
-
-    named = {vm.arch for s in scenarios for vm in s.vms if vm.arch is not None}
-    if len(named) > 1:
-        raise UsageError(f"{path}: its VMs name several architectures "
-                         f"({', '.join(sorted(named))}); a lab runs one")
-    return platform_for(named.pop()) if named else host_platform()
 
 
 def handle_lab_shell(req: LabShellRequest) -> int:

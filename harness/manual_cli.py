@@ -366,9 +366,8 @@ def handle_hotplug(req: HotplugRequest) -> int:
 def handle_lab_up(req: LabUpRequest, progress: Progress,
                   run_dir_for: Callable[[Path | None, str], Path]) -> int:
     """L1 keeps the scenario's VMs up (harness up inside it); this terminal is a shell in L1."""
-    from harness.cli import _lab_platform
     from harness.config import load_scenarios
-    from harness.lab.l1 import shell
+    from harness.lab.l1 import lab_platform, shell
 
     scenarios = load_scenarios(req.scenario)  # bad input fails here, before L1 boots
     names = [s.name for s in scenarios]
@@ -376,7 +375,7 @@ def handle_lab_up(req: LabUpRequest, progress: Progress,
         raise UsageError(f"{req.scenario}: no scenario named {req.only} (it has "
                          f"{', '.join(names)})")
     chosen = [s for s in scenarios if s.name == (req.only or names[0])]
-    platform = _lab_platform(req.scenario, chosen)
+    platform = lab_platform(req.scenario, chosen)
     run_dir = run_dir_for(req.out, f"lab-up-{chosen[0].name}")
     run_dir.mkdir(parents=True, exist_ok=True)
     progress(f"lab: run folder {run_dir}")

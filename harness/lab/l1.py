@@ -19,16 +19,16 @@ import subprocess
 import sys
 import sysconfig
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from harness.config.model import DEFAULT_LAB_DEVICE, LabDevice
-from harness.errors import GuestError, HarnessError, LaunchError
+from harness.config.model import DEFAULT_LAB_DEVICE, LabDevice, Scenario
+from harness.errors import GuestError, HarnessError, LaunchError, UsageError
 from harness.images.builder import GuestImage, cache_root, ensure_image, repo_root
 from harness.images.userland import ensure_userland
 from harness.lab.direct_boot import direct_kernel
-from harness.platform import Platform, host_platform
+from harness.platform import Platform, host_platform, platform_for
 from harness.qemu.argv import LabShare, channel_args, die_with_harness, lab_host_argv
 from harness.qemu.machine import Machine
 
@@ -210,6 +210,16 @@ class LabRun:
     @property
     def total_seconds(self) -> float:
         return sum(s for _, s in self.phases)
+
+
+def lab_platform(path: Path, scenarios: Sequence[Scenario]) -> Platform:
+    """The lab's architecture: the one the scenarios' VMs name (L2 runs under KVM in L1, so
+    they are of L1's architecture), this machine's if none names one."""
+    named = {vm.arch for s in scenarios for vm in s.vms if vm.arch is not None}
+    if len(named) > 1:
+        raise UsageError(f"{path}: its VMs name several architectures "
+                         f"({', '.join(sorted(named))}); a lab runs one")
+    return platform_for(named.pop()) if named else host_platform()
 
 
 def prepare(progress: Progress, share: Path, platform: Platform) -> LabSetup:
