@@ -12,6 +12,7 @@ arguments (:mod:`harness.config.devices`).
 from __future__ import annotations
 
 import hashlib
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -212,7 +213,24 @@ def build_argv(platform: Platform, vm: VM, accel: str, boot: Boot,
             + boot_args(boot))
     for p in placed:
         argv += device_args(p, scratch)
-    return argv + list(vm.extra_args)
+    return argv + entropy_args(platform, placed, vm.extra_args) + list(vm.extra_args)
+
+
+_ADDR = re.compile(r"(?:^|,)addr=(0x[0-9a-fA-F]+|\d+)")
+
+
+def entropy_args(platform: Platform, placed: Sequence[PlacedDevice],
+                 extra_args: Sequence[str] = ()) -> list[str]:
+    """A virtio RNG at the highest slot nobody else takes: with no entropy source, a guest
+    kernel under TCG waits about a second for its CRNG before the first getrandom() (the
+    guest's SSH host key) returns.  It is not a scenario device: its IRQ is nobody's vector."""
+    taken = {p.slot for p in placed}
+    taken |= {int(m.group(1), 0) for arg in extra_args for m in _ADDR.finditer(arg)}
+    free = [slot for slot in platform.slots if slot not in taken]
+    if not free:
+        return []
+    return ["-device", qemu_options("virtio-rng-pci", {"id": "harness-rng",
+                                                       "addr": f"0x{free[-1]:02x}"})]
 
 
 def bare_boot_argv(platform: Platform, vm: VM, accel: str, boot: Boot, qmp_fd: int,

@@ -29,6 +29,7 @@ from harness.qemu.argv import (
     channel_args,
     device_args,
     device_mac,
+    entropy_args,
     kvm_probe_argv,
     lab_host_argv,
     lab_network,
@@ -310,16 +311,28 @@ def test_build_argv_order_and_extra_args_last(platform: Platform) -> None:
 
     expected = (machine_args(platform, vm, "tcg") + channel_args(5, 6) + boot_args(boot)
                 + device_args(out[0], scratch) + device_args(out[1], scratch)
-                + device_args(out[2], scratch) + ["-trace", "vfio_*", "-S"])
+                + device_args(out[2], scratch) + entropy_args(platform, out)
+                + ["-trace", "vfio_*", "-S"])
     assert argv == expected
     assert all_str(argv)
     assert argv[0] == platform.qemu
     devices = [argv[i + 1] for i, a in enumerate(argv) if a == "-device"]
+    # The scenario's devices, then the guest's entropy source at the highest free slot.
     assert [re.search(r"addr=(0x\w+)", d).group(1) for d in devices  # type: ignore[union-attr]
-            ] == ["0x03", "0x04", "0x05"]
+            ] == ["0x03", "0x04", "0x05", f"0x{platform.slots[-1]:02x}"]
+    assert devices[-1].startswith("virtio-rng-pci,id=harness-rng,")
     bare = bare_boot_argv(platform, vm, "tcg", boot, 5, 6)
     assert bare == argv[:len(bare)] and "-device" not in bare
 
+
+
+@BOTH
+def test_the_entropy_source_keeps_out_of_every_slot_a_device_takes(platform: Platform) -> None:
+    top = platform.slots[-1]
+    vm = VM(name="g", devices=(net(), VirtioBlk(kind="virtio-blk", id="d", addr=top)),
+            extra_args=("-device", f"virtio-balloon-pci,id=b,addr=0x{top - 1:x}"))
+    args = entropy_args(platform, place_devices(vm.devices, platform), vm.extra_args)
+    assert args == ["-device", f"virtio-rng-pci,id=harness-rng,addr=0x{top - 2:02x}"]
 
 # --- the KVM probe and the lab's L1 go through the same builder -------------------------------
 
