@@ -15,6 +15,7 @@ a child, is counted apart) closes the figures.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import resource
 import statistics
@@ -35,9 +36,11 @@ from harness.vm import BootTimes, GuestVM
 
 Progress = Callable[[str], None]
 
-# The issue's budget for the smoke scenario on a 2-core machine.
-BUDGET_FACTOR = 2.0
-BUDGET_EXTRA_S = 5.0
+# The target for the smoke scenario's whole verdict (boot, SSH, workload, counts, teardown)
+# against the bare kernel boot of the same run: closer to it than virtme-ng's single command
+# is to its own bare boot.
+BUDGET_FACTOR = 1.5
+BUDGET_EXTRA_S = 2.0
 
 #: How many copies of the scenario's VMs the scaling table runs by default.
 DEFAULT_VM_COUNTS = (1, 2, 4)
@@ -133,6 +136,12 @@ def workload_seconds(run: RunResult) -> float:
     return sum(p.seconds for p in run.phases if p.name in ("setup", "workload"))
 
 
+log = logging.getLogger(__name__)
+
+BARE_TIMEOUT_S = 30.0  # a bare boot takes a few seconds even under TCG
+BARE_ATTEMPTS = 2
+
+
 def bare_boot(vm: GuestVM, run_dir: Path) -> float:
     """Seconds from QEMU launch to QEMU exit for a kernel whose init powers off at once."""
     vm.prepare()
@@ -144,14 +153,26 @@ def bare_boot(vm: GuestVM, run_dir: Path) -> float:
     def argv_for(qmp_fd: int, console_fd: int) -> list[str]:
         return qargv.bare_boot_argv(platform, spec, accel, boot, qmp_fd, console_fd)
 
-    with Machine(f"{spec.name}-bare", argv_for, run_dir) as machine:
-        started = time.monotonic()
-        machine.launch()
-        code = machine.wait_exit(120.0)
-        seconds = time.monotonic() - started
-    if code != 0:
-        raise LaunchError(machine.name, f"bare boot exited {code}", machine.argv, code)
-    return seconds
+    for attempt in range(1, BARE_ATTEMPTS + 1):
+        with Machine(f"{spec.name}-bare" + (f"-try{attempt}" if attempt > 1 else ""),
+                     argv_for, run_dir) as machine:
+            started = time.monotonic()
+            machine.launch()
+            try:
+                code = machine.wait_exit(BARE_TIMEOUT_S)
+            except LaunchError:
+                # TCG here now and then hangs a guest before its first console byte (seen
+                # on 2 of about 20 bare boots on 2026-12-06); a bare boot is seconds long.
+                if attempt == BARE_ATTEMPTS:
+                    raise
+                log.warning("bare boot %d still running after %g s: booting it again",
+                            attempt, BARE_TIMEOUT_S)
+                continue
+            seconds = time.monotonic() - started
+        if code != 0:
+            raise LaunchError(machine.name, f"bare boot exited {code}", machine.argv, code)
+        return seconds
+    raise AssertionError("unreachable")
 
 
 def run_bench(scenario: Scenario, scenario_file: str, out: Path, repeat: int,
