@@ -88,6 +88,26 @@ class Up:
         return Path(str(self.session()["run_dir"]))
 
 
+_STARTED: list[Up] = []  # every up a test started, so a failing test leaves none running
+
+
+@pytest.fixture(autouse=True)
+def _no_up_left_behind() -> Iterator[None]:
+    """An assertion between start_up and stop_up must not leave ``harness up`` (and its QEMU)
+    running: the test's own ups are ended as Ctrl-C would, then killed."""
+    before = len(_STARTED)
+    yield
+    for left in _STARTED[before:]:
+        if left.proc.poll() is None:
+            left.proc.send_signal(signal.SIGINT)
+            try:
+                left.proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                left.proc.kill()
+                left.proc.wait()
+    del _STARTED[before:]
+
+
 def start_up(tmp: Path, scenario: str = SCENARIO, timeout: float = 240.0) -> Up:
     """``harness up`` in the background, returned once it printed how to reach its VMs."""
     runtime = tmp / "runtime"
@@ -98,6 +118,7 @@ def start_up(tmp: Path, scenario: str = SCENARIO, timeout: float = 240.0) -> Up:
          "--out", str(tmp / "runs")], cwd=REPO, env=env, stdout=subprocess.PIPE,
         stderr=open(tmp / "up.stderr", "w"), text=True)  # noqa: SIM115 - the child's file
     up = Up(proc, runtime, tmp / "up.stdout", env)
+    _STARTED.append(up)
     assert proc.stdout is not None
     lines: queue.Queue[str | None] = queue.Queue()
 
