@@ -28,11 +28,32 @@ def quiet_libraries() -> None:
             logger.addHandler(logging.NullHandler())
 
 
+class _RunLogHandler(logging.FileHandler):
+    """The run folder's log.  A record it cannot write (a full disk) ends its writing
+    quietly: logging's default prints a traceback per record on stderr, and the run's own
+    error already says what happened to the disk."""
+
+    broken = False
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if not self.broken:
+            super().emit(record)
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        self.broken = True
+
+    def close(self) -> None:
+        try:
+            super().close()
+        except OSError:  # what was buffered cannot go to a full disk either
+            self.broken = True
+
+
 @contextlib.contextmanager
 def run_log(path: Path) -> Iterator[Path]:
     """Every record of the harness and its libraries, at debug level, into ``path`` while
     inside; the levels and handlers in place before are restored after."""
-    handler = logging.FileHandler(path, encoding="utf-8")
+    handler = _RunLogHandler(path, encoding="utf-8")
     handler.setLevel(logging.DEBUG)
     handler.setFormatter(logging.Formatter(_FORMAT))
     loggers = [logging.getLogger(name) for name in ("harness", *LIBRARIES)]
