@@ -150,16 +150,20 @@ def run_workloads(scenario: Scenario, vms: tuple[GuestVM, ...], run_dir: Path,
         label = workload.name or " ".join(workload.run)
         progress(f"{workload.vm}: running {label}")
         # Unbuffered: each chunk is in the file as soon as it arrived (tail -f shows it).
-        with (run_dir / f"{workload.vm}.workload.log").open("ab+", buffering=0) as log_file:
-            log_file.write(f"$ {label}\n".encode())
-            done = by_name[workload.vm].run(workload.run, workload.timeout_s,
-                                            output=log_file.write)
-            log_file.seek(-1, os.SEEK_END)
-            newline = b"" if log_file.read(1) == b"\n" else b"\n"
-            stop = "could not be stopped" if done.left_running else "stopped"
-            footer = (f"[timed out: still running at its limit of {workload.timeout_s:g} s, "
-                      f"{stop}]" if done.timed_out else f"[exit {done.exit_status}]")
-            log_file.write(newline + footer.encode() + b"\n")
+        path = run_dir / f"{workload.vm}.workload.log"
+        try:
+            with path.open("ab+", buffering=0) as log_file:
+                log_file.write(f"$ {label}\n".encode())
+                done = by_name[workload.vm].run(workload.run, workload.timeout_s,
+                                                output=log_file.write)
+                log_file.seek(-1, os.SEEK_END)
+                newline = b"" if log_file.read(1) == b"\n" else b"\n"
+                stop = "could not be stopped" if done.left_running else "stopped"
+                footer = (f"[timed out: still running at its limit of {workload.timeout_s:g} "
+                          f"s, {stop}]" if done.timed_out else f"[exit {done.exit_status}]")
+                log_file.write(newline + footer.encode() + b"\n")
+        except OSError as exc:  # a full disk: the run's error, the file named
+            raise OutputError(f"cannot write {path}: {exc.strerror or exc}") from exc
         tail = "\n".join((done.stdout + done.stderr).strip().splitlines()[-3:])[-2000:]
         result = WorkloadResult(workload.vm, label, workload.run, done.exit_status,
                                 done.seconds, tail, workload.timeout_s, done.timed_out,
