@@ -320,7 +320,7 @@ def handle_trace(req: TraceRequest) -> int:
 
 def handle_lab_run(req: LabRunRequest) -> int:
     from harness.config import load_scenarios
-    from harness.lab.l1 import LabBoot, lab_platform, run_in_lab
+    from harness.lab.l1 import LabBoot, lab_platform, run_in_lab, scenario_recipes
 
     scenarios = load_scenarios(req.scenario)  # bad input fails here, before L1 boots
     platform = lab_platform(req.scenario, scenarios)
@@ -335,13 +335,15 @@ def handle_lab_run(req: LabRunRequest) -> int:
     # One L1 boot per run of consecutive scenarios that want the same L1.
     boots: list[LabBoot] = []
     for scenario in scenarios:
-        wanted = scenario.lab
+        wanted, recipes = scenario.lab, scenario_recipes(scenario, platform)
         if boots and (boots[-1].append, boots[-1].devices) == (wanted.append, wanted.devices):
-            boots[-1] = dataclasses.replace(boots[-1], args=(*boots[-1].args, "--only",
-                                                             scenario.name))
+            boots[-1] = dataclasses.replace(
+                boots[-1], args=(*boots[-1].args, "--only", scenario.name),
+                recipes=tuple(dict.fromkeys((*boots[-1].recipes, *recipes))))
         else:
             boots.append(LabBoot(("run", scenario_file, "--out", "/lab", "--only",
-                                  scenario.name), wanted.append, devices=wanted.devices))
+                                  scenario.name), wanted.append, devices=wanted.devices,
+                                 recipes=recipes))
     lab = run_in_lab(platform, boots, run_dir, _progress)
     for folder in lab.inner_runs:
         print((folder / "summary.txt").read_text() if (folder / "summary.txt").exists()

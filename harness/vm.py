@@ -20,7 +20,7 @@ from types import TracebackType
 from harness.config.model import VM, BuiltinImage, CloudImage, KernelImage
 from harness.errors import GuestError
 from harness.guest.agent import GuestAgent, GuestSnapshot
-from harness.guest.ssh import ClientKey, CommandResult, GuestSSH, parse_host_key
+from harness.guest.ssh import ClientKey, CommandResult, GuestSSH, parse_host_key, preload
 from harness.host.accel import AccelDecision, choose_accel
 from harness.images.builder import (
     GuestImage,
@@ -39,6 +39,15 @@ from harness.scratch import scratch_dir
 log = logging.getLogger(__name__)
 
 Progress = Callable[[str], None]
+
+
+def builtin_recipe(spec: VM, platform: Platform) -> Recipe:
+    """The builtin recipe: the scenario's, or the platform's cheapest that has every driver
+    the devices need."""
+    image = spec.image
+    if isinstance(image, BuiltinImage) and image.recipe is not None:
+        return Recipe.load(image.recipe)
+    return choose_recipe(platform, spec.guest_modules)
 
 
 @dataclass
@@ -89,17 +98,9 @@ class GuestVM:
     def platform(self) -> Platform:
         return platform_for(self.spec.arch)
 
-    def guest_modules(self) -> tuple[str, ...]:
-        """The drivers the VM's devices need in the guest kernel."""
-        return tuple(dict.fromkeys(m for d in self.spec.devices for m in d.guest_modules))
-
     def recipe(self) -> Recipe:
-        """The builtin recipe: the scenario's, or the platform's cheapest that has every
-        driver the devices need."""
-        image = self.spec.image
-        if isinstance(image, BuiltinImage) and image.recipe is not None:
-            return Recipe.load(image.recipe)
-        return choose_recipe(self.platform, self.guest_modules())
+        """The builtin recipe this VM boots (:func:`builtin_recipe`)."""
+        return builtin_recipe(self.spec, self.platform)
 
     def __repr__(self) -> str:
         return f"<GuestVM {self.name} {self.machine!r}>"
@@ -185,6 +186,7 @@ class GuestVM:
         assert self.accel is not None
         self.run_dir.mkdir(parents=True, exist_ok=True)
         client_key = ClientKey.generate()
+        preload()  # the SSH library loads while QEMU starts and the guest boots
         self._ssh_nic()
         boot, user = self._boot_spec(client_key)
         scratch = self._scratch_files()

@@ -130,6 +130,11 @@ class VM:
         "that names a host file or contradicts what the harness sets; refused on a shared "
         "host (HARNESS_SHARED_HOST=1)"))
 
+    @property
+    def guest_modules(self) -> tuple[str, ...]:
+        """The drivers the VM's devices need in the guest kernel."""
+        return tuple(dict.fromkeys(m for d in self.devices for m in d.guest_modules))
+
 
 class Stage(enum.StrEnum):
     """When a workload runs, relative to the measurement window."""

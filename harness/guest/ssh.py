@@ -9,23 +9,56 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import io
 import logging
 import os
 import secrets
 import shlex
+import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-
-import paramiko
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from types import ModuleType
+from typing import TYPE_CHECKING
 
 from harness.errors import GuestError
 
+if TYPE_CHECKING:
+    import paramiko
+
 log = logging.getLogger(__name__)
+
+_preloading = threading.Lock()
+_preloader: threading.Thread | None = None
+
+
+def _paramiko() -> ModuleType:
+    """paramiko, imported on first use.
+
+    Importing it (with cryptography and PyNaCl) is the largest part of the harness's start:
+    0.3 s here, 3-5 s for the harness inside the lab's emulated host.  :func:`preload` starts
+    it on a thread while QEMU starts, so that the wait for the guest hides it.  paramiko's
+    ``config`` module imports invoke (and with it unittest.mock and more) only to run an
+    ssh_config ``Match exec`` line; the harness never reads an ssh_config, so invoke is
+    declared absent, which paramiko handles (it imports invoke in a ``try``)."""
+    if "invoke" not in sys.modules:
+        sys.modules["invoke"] = None  # type: ignore[assignment]
+    import paramiko
+    return paramiko
+
+
+def preload() -> None:
+    """Start importing paramiko on a thread, once; whoever needs it first waits for it (the
+    import lock).  The caller holds no import lock: call it from running code, never from a
+    module's top level."""
+    global _preloader
+    with _preloading:
+        if _preloader is None and "paramiko" not in sys.modules:
+            _preloader = threading.Thread(target=_paramiko, name="import-paramiko",
+                                          daemon=True)
+            _preloader.start()
 
 
 @dataclass(frozen=True)
@@ -33,9 +66,14 @@ class ClientKey:
     """An ed25519 key pair made for one run; written to disk only for ``harness up`` (its
     ``pem``, 0600 in the run folder, removed at teardown), so that ``ssh`` reaches the VM."""
 
-    private: paramiko.PKey
     public_line: str  # "ssh-ed25519 AAAA..."
-    pem: str = field(default="", repr=False)  # the private key, OpenSSH format
+    pem: str = field(repr=False)  # the private key, OpenSSH format
+
+    @functools.cached_property
+    def private(self) -> paramiko.PKey:
+        """The key as paramiko signs with it (read from ``pem`` on first use)."""
+        key: paramiko.PKey = _paramiko().Ed25519Key.from_private_key(io.StringIO(self.pem))
+        return key
 
     @property
     def public_b64(self) -> str:
@@ -43,23 +81,29 @@ class ClientKey:
 
     @staticmethod
     def generate() -> ClientKey:
+        from cryptography.hazmat.primitives import serialization
+        from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
         key = Ed25519PrivateKey.generate()
         pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
                                 serialization.NoEncryption()).decode()
         public = key.public_key().public_bytes(serialization.Encoding.OpenSSH,
                                                serialization.PublicFormat.OpenSSH).decode()
-        return ClientKey(paramiko.Ed25519Key.from_private_key(io.StringIO(pem)), public, pem)
+        return ClientKey(public, pem)
 
     @staticmethod
     def load(path: str) -> ClientKey:
         """A key :meth:`write` wrote (``harness irq watch`` reaches a VM of ``up`` with it)."""
+        lib = _paramiko()
         try:
             with open(path) as fh:
                 pem = fh.read()
-            key = paramiko.Ed25519Key.from_private_key(io.StringIO(pem))
-        except (OSError, paramiko.SSHException, ValueError) as exc:
+            key = lib.Ed25519Key.from_private_key(io.StringIO(pem))
+        except (OSError, lib.SSHException, ValueError) as exc:
             raise GuestError("ssh", f"{path}: cannot read the run's SSH key: {exc}") from exc
-        return ClientKey(key, f"{key.get_name()} {key.get_base64()}", pem)
+        loaded = ClientKey(f"{key.get_name()} {key.get_base64()}", pem)
+        loaded.__dict__["private"] = key  # the cached property, already known
+        return loaded
 
     def write(self, path: str) -> None:
         """The private key in a new file readable by its owner only (0600 from creation)."""
@@ -73,9 +117,11 @@ def parse_host_key(line: str) -> paramiko.PKey:
     parts = line.split()
     if len(parts) < 2:
         raise GuestError("ssh", f"malformed host key line {line!r}")
+    lib = _paramiko()
     try:
-        return paramiko.PKey.from_type_string(parts[0], base64.b64decode(parts[1]))
-    except (paramiko.SSHException, ValueError, binascii.Error) as exc:
+        key: paramiko.PKey = lib.PKey.from_type_string(parts[0], base64.b64decode(parts[1]))
+        return key
+    except (lib.SSHException, ValueError, binascii.Error) as exc:
         raise GuestError("ssh", f"unusable host key {parts[0]}: {exc}") from exc
 
 
@@ -185,11 +231,12 @@ class GuestSSH:
         deadline = time.monotonic() + timeout
         delay = 0.05
         last: Exception | None = None
+        lib = _paramiko()
         while True:
-            client = paramiko.SSHClient()
+            client = lib.SSHClient()
             client.get_host_keys().add(f"[127.0.0.1]:{self.port}", self._host_key.get_name(),
                                        self._host_key)
-            client.set_missing_host_key_policy(paramiko.RejectPolicy())
+            client.set_missing_host_key_policy(lib.RejectPolicy())
             remaining = deadline - time.monotonic()
             try:
                 client.connect("127.0.0.1", self.port, username=self.user,
@@ -198,16 +245,16 @@ class GuestSSH:
                                allow_agent=False, look_for_keys=False)
                 self._client = client
                 return
-            except paramiko.BadHostKeyException as exc:
+            except lib.BadHostKeyException as exc:
                 client.close()
                 raise GuestError(self.name, "the SSH server's host key differs from the key "
                                  "the guest printed on its console: refusing to connect",
                                  console_tail()) from exc
-            except paramiko.AuthenticationException as exc:
+            except lib.AuthenticationException as exc:
                 client.close()
                 raise GuestError(self.name, f"SSH authentication failed: {exc}",
                                  console_tail()) from exc
-            except (paramiko.SSHException, OSError, EOFError) as exc:
+            except (lib.SSHException, OSError, EOFError) as exc:
                 client.close()
                 last = exc
             if not alive():
@@ -259,12 +306,13 @@ class GuestSSH:
         pass through untranslated: they are not the guest's.
         """
         assert self._client is not None
+        lib = _paramiko()
         transport = self._client.get_transport()
         if transport is None or not transport.is_active():
             raise GuestError(self.name, f"{what}: the SSH connection is closed")
         try:
             channel = transport.open_session(timeout=max(deadline - time.monotonic(), 0.1))
-        except (paramiko.SSHException, OSError, EOFError) as exc:
+        except (lib.SSHException, OSError, EOFError) as exc:
             raise GuestError(self.name, f"{what}: cannot open an SSH channel: "
                              f"{type(exc).__name__}: {exc}") from exc
         # Only the exec request can wait without a timeout of its own (for its reply): a
@@ -282,7 +330,7 @@ class GuestSSH:
             try:
                 channel.exec_command(command)
                 channel.shutdown_write()
-            except (paramiko.SSHException, OSError, EOFError) as exc:
+            except (lib.SSHException, OSError, EOFError) as exc:
                 if fired.is_set():
                     return None
                 raise GuestError(self.name, f"{what}: {type(exc).__name__}: {exc}") from exc
@@ -292,7 +340,7 @@ class GuestSSH:
                 return None
             try:
                 return self._pump(channel, deadline, out, err, output, what)
-            except (paramiko.SSHException, EOFError) as exc:  # not OSError: the sink's own
+            except (lib.SSHException, EOFError) as exc:  # not OSError: the sink's own
                 raise GuestError(self.name, f"{what}: {type(exc).__name__}: {exc}") from exc
         finally:
             channel.close()

@@ -80,9 +80,11 @@ def format_lab_bench(lab: LabRun) -> str:
         phases = dict(run.phases)
         l2_boot = sum(phases.get(k, 0.0) for k in ("QEMU start", "kernel to init",
                                                     "init to sshd", "SSH ready"))
-        lines.append(f"  {run.scenario} ({', '.join(run.paths) or 'no verdict'}): L2 boot "
-                     f"{l2_boot:.2f} s, workload {phases.get('workload', 0.0):.2f} s, "
-                     f"verdict {phases.get('verdict', 0.0):.2f} s")
+        lines.append(f"  {run.scenario} ({', '.join(run.paths) or 'no verdict'}): run "
+                     f"{sum(phases.values()):.2f} s: L2 boot {l2_boot:.2f} s, workload "
+                     f"{phases.get('workload', 0.0):.2f} s, verdict "
+                     f"{phases.get('verdict', 0.0):.2f} s, teardown "
+                     f"{phases.get('teardown', 0.0):.2f} s")
         for latency in run.latencies:
             p50, p99 = latency.percentile(50), latency.percentile(99)
             if p50 is None or p99 is None:

@@ -1,0 +1,110 @@
+"""What the harness does so that it starts quickly inside the lab's L1, checked on this machine:
+the SSH library loads on a thread of its own and without invoke, the harness's modules are
+byte-compiled before L1 boots, and L1's job reads the files L2's QEMU will need on the side."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from harness.config import load_scenarios
+from harness.lab import l1
+from harness.platform import X86_64
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _python(code: str) -> str:
+    done = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], cwd=REPO,
+                          capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+def test_a_client_key_is_made_without_paramiko_and_preload_loads_it_on_a_thread() -> None:
+    out = _python("""
+        import sys, threading
+        from harness.guest.ssh import ClientKey, preload
+        key = ClientKey.generate()
+        print("after key:", "paramiko" in sys.modules)
+        preload()
+        loaders = [t for t in threading.enumerate() if t.name == "import-paramiko"]
+        print("threads:", len(loaders))
+        for t in loaders:
+            t.join(60)
+        print("after preload:", "paramiko" in sys.modules, sys.modules.get("invoke", "absent"))
+        # the key signs as paramiko wants it, from the PEM it was made with
+        print("key type:", key.private.get_name(), key.public_line.split()[0])
+    """)
+    assert "after key: False" in out
+    assert "threads: 1" in out
+    assert "after preload: True None" in out  # loaded, and invoke declared absent
+    assert "key type: ssh-ed25519 ssh-ed25519" in out
+
+
+def test_a_second_preload_starts_no_second_thread() -> None:
+    out = _python("""
+        import threading
+        from harness.guest import ssh
+        ssh.preload(); ssh.preload()
+        print(sum(t.name == "import-paramiko" for t in threading.enumerate()) <= 1,
+              ssh._preloader is not None)
+    """)
+    assert out.split() == ["True", "True"]
+
+
+def test_byte_compile_writes_what_is_missing_even_when_python_is_told_not_to(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PYTHONDONTWRITEBYTECODE", "1")
+    package = tmp_path / "pkg"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    (package / "mod.py").write_text("VALUE = 1\n")
+    l1._byte_compile(package)
+    cached = sorted(p.name for p in (package / "__pycache__").iterdir())
+    tag = sys.implementation.cache_tag
+    assert cached == [f"__init__.{tag}.pyc", f"mod.{tag}.pyc"]
+    pyc = package / "__pycache__" / f"mod.{tag}.pyc"
+    first = pyc.stat().st_mtime_ns
+    l1._byte_compile(package)  # up to date: left alone
+    assert pyc.stat().st_mtime_ns == first
+    (package / "mod.py").write_text("VALUE = 22\n")  # edited later: stale, compiled again
+    later = pyc.stat().st_mtime + 10
+    os.utime(package / "mod.py", (later, later))
+    l1._byte_compile(package)
+    # the .pyc header records the source's size (bytes 12-16, little-endian)
+    assert int.from_bytes(pyc.read_bytes()[12:16], "little") == len("VALUE = 22\n")
+
+
+def test_the_job_reads_qemu_and_l2s_images_on_the_side_before_the_harness(
+        tmp_path: Path) -> None:
+    kernel, initrd = tmp_path / "vmlinuz", tmp_path / "initrd cpio"
+    job = l1.run_job(["harness", "run", "x.yaml"], [kernel, initrd], "qemu-system-x86_64")
+    side = next(line for line in job.splitlines() if "-version" in line)
+    assert side.startswith("( ( qemu-system-x86_64 -version; cat -- ")
+    assert f"'{initrd}'" in side and side.endswith("& )")  # quoted, in the background
+    assert job.index(side) < job.index("harness run x.yaml")
+    checked = subprocess.run(["sh", "-n"], input=job, text=True, capture_output=True,
+                             check=False)
+    assert checked.returncode == 0, checked.stderr
+    assert "-version" not in l1.run_job(["true"])  # nothing to read: no side job
+
+
+def test_the_recipes_read_ahead_are_the_ones_the_scenarios_boot() -> None:
+    (vfio,) = load_scenarios(REPO / "configs" / "lab-vfio.yaml")
+    assert l1.scenario_recipes(vfio, X86_64) == ("debian-cloud",)
+    mixed = load_scenarios(REPO / "configs" / "mixed-nics.yaml")[0]
+    # an e1000e needs the generic kernel; the other VM is content with the cloud one
+    assert set(l1.scenario_recipes(mixed, X86_64)) == {"debian-generic", "debian-cloud"}
+
+
+def test_the_wrapper_starts_python_without_site(tmp_path: Path) -> None:
+    l1._write_tools(tmp_path, sys.executable, "/somewhere/site-packages")
+    wrapper = (tmp_path / "bin" / "harness").read_text()
+    assert " -S -m harness.cli " in wrapper and "/somewhere/site-packages" in wrapper
+    assert os.access(tmp_path / "bin" / "harness", os.X_OK)
