@@ -148,8 +148,12 @@ class Boot:
 
 
 def base_append(platform: Platform) -> str:
-    """The kernel arguments every harness guest boots with."""
-    return f"console={platform.console} panic=-1 loglevel=4"
+    """The kernel arguments every harness guest (the lab's L1 and the bench's bare boot
+    too) boots with.  ``cryptomgr.notests``: the kernel's self-tests of its crypto
+    algorithms say nothing about interrupt delivery and took 0.24 s of an L2 boot in the
+    lab (``crypto_algapi_init``, nested under TCG).  Then the platform's own arguments."""
+    return " ".join(filter(None, [f"console={platform.console} panic=-1 loglevel=4 "
+                                  "cryptomgr.notests", platform.kernel_args]))
 
 
 def machine_args(platform: Platform, vm: VM, accel: str) -> list[str]:

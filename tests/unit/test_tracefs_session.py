@@ -105,3 +105,23 @@ def test_stale_sessions_of_dead_processes_are_removed_and_live_ones_kept(
     assert removals == [f"-:{dead}/prod_ret", f"-:{dead}/prod"]
     assert not (root / "instances" / dead).exists()
     assert (root / "instances" / alive).is_dir()
+
+
+def test_available_finds_whole_names_only_with_their_modules(tmp_path: Path) -> None:
+    """Lines as the kernel writes them: "name" for built-in code, "name [module]" else; a
+    wanted name that is only a prefix or a part of other names is not there."""
+    root = tmp_path / "tracing"
+    root.mkdir()
+    (root / "available_filter_functions").write_text(
+        "kvm_irqfd_assign [kvm]\n"
+        "irq_bypass_register_producer [irqbypass]\n"
+        "__kvm_irqfd [kvm]\n"
+        "kvm_irqfd [kvm]\n"
+        "vfio_msi_set_vector_signal [vfio_pci_core]\n"
+        "its_map_vlpi\n"
+        "x_vgic_v4_set_forwarding_y\n")
+    session = KprobeSession("grp", [], tracefs=root)
+    found = session._available(["kvm_irqfd", "irq_bypass_register_producer", "its_map_vlpi",
+                                "vgic_v4_set_forwarding", "kvm_irqfd", "missing"])
+    assert found == {"kvm_irqfd": "kvm", "irq_bypass_register_producer": "irqbypass",
+                     "its_map_vlpi": None}
