@@ -16,6 +16,7 @@ from pathlib import Path
 
 import paramiko
 import pytest
+from qemu_procs import qemu_pids
 
 from harness.cli import main
 from harness.config.model import VM, Arch, BuiltinImage, VirtioBlk, VirtioNet
@@ -48,22 +49,6 @@ def smoke_vm(**overrides: object) -> VM:
 def _host_image() -> GuestImage:
     platform = host_platform()
     return ensure_image(platform.recipes[0], platform)
-
-
-def qemu_pids(parent: int | None = None) -> set[int]:
-    """QEMU processes on the host, or only the children of ``parent``."""
-    pids = set()
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                if not (entry / "comm").read_text().startswith("qemu-system"):
-                    continue
-                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            if parent is None or ppid == parent:
-                pids.add(int(entry.name))
-    return pids
 
 
 @pytest.fixture(scope="module", params=ARCHES)

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from qemu_procs import qemu_pids
 
 from harness.platform import host_platform
 
@@ -40,22 +41,6 @@ vms:
 workloads:
   - {vm: guest0, stage: setup, run: [touch, /tmp/set-up-by-the-scenario]}
 """
-
-
-def qemu_pids(parent: int | None = None) -> set[int]:
-    """QEMU processes on the host, or only the children of ``parent``."""
-    pids = set()
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                if not (entry / "comm").read_text().startswith("qemu-system"):
-                    continue
-                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            if parent is None or ppid == parent:
-                pids.add(int(entry.name))
-    return pids
 
 
 @dataclass
