@@ -5,9 +5,12 @@ byte-compiled before L1 boots, and L1's job reads the files L2's QEMU will need 
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 import textwrap
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -15,6 +18,7 @@ import pytest
 from harness.config import load_scenarios
 from harness.lab import l1
 from harness.platform import X86_64
+from harness.qemu.console import Console
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -108,3 +112,51 @@ def test_the_wrapper_starts_python_without_site(tmp_path: Path) -> None:
     wrapper = (tmp_path / "bin" / "harness").read_text()
     assert " -S -m harness.cli " in wrapper and "/somewhere/site-packages" in wrapper
     assert os.access(tmp_path / "bin" / "harness", os.X_OK)
+
+
+class _L1:
+    """L1 as L0 sees it: a real console over a socketpair, fed by a thread in the test."""
+
+    name = "lab-l1"
+    argv: list[str] = []
+
+    def __init__(self, console: Console, done: threading.Event) -> None:
+        self.console = console
+        self._done = done
+
+    def is_alive(self) -> bool:
+        return not self._done.is_set()
+
+    def wait_exit(self, timeout: float) -> int:
+        self._done.wait(timeout)
+        return 0
+
+
+def test_harness_start_in_l1_ends_at_the_inner_harness_first_progress_line(
+        tmp_path: Path) -> None:
+    ours, theirs = socket.socketpair()
+    console = Console("lab-l1", ours, tmp_path / "console.log")
+    done = threading.Event()
+    said: list[str] = []
+
+    def l1_prints() -> None:
+        theirs.sendall(b"harness-lab: job start 3.07\n[    3.200000] a kernel line\n")
+        time.sleep(0.3)  # the harness starting
+        theirs.sendall(b"[14:56:07] scenario lab-vfio: run folder /lab/x\n")
+        time.sleep(0.1)
+        theirs.sendall(b"[14:56:08] l2: starting QEMU\nharness-lab: job end 9.5\n")
+        done.set()
+
+    started = time.monotonic()
+    feeder = threading.Thread(target=l1_prints)
+    feeder.start()
+    try:
+        first = l1._follow(_L1(console, done), said.append, 30.0)  # type: ignore[arg-type]
+    finally:
+        feeder.join()
+        console.close()
+        theirs.close()
+    assert first is not None and 0.3 <= first - started < 5
+    # only the harness's progress lines are relayed, not the kernel's
+    assert said == ["L1 [14:56:07] scenario lab-vfio: run folder /lab/x",
+                    "L1 [14:56:08] l2: starting QEMU"]
