@@ -34,7 +34,7 @@ _preloading = threading.Lock()
 _preloader: threading.Thread | None = None
 
 
-def _paramiko() -> ModuleType:
+def paramiko_lib() -> ModuleType:
     """paramiko, imported on first use.
 
     Importing it (with cryptography and PyNaCl) is the largest part of the harness's start:
@@ -56,7 +56,7 @@ def preload() -> None:
     global _preloader
     with _preloading:
         if _preloader is None and "paramiko" not in sys.modules:
-            _preloader = threading.Thread(target=_paramiko, name="import-paramiko",
+            _preloader = threading.Thread(target=paramiko_lib, name="import-paramiko",
                                           daemon=True)
             _preloader.start()
 
@@ -72,7 +72,7 @@ class ClientKey:
     @functools.cached_property
     def private(self) -> paramiko.PKey:
         """The key as paramiko signs with it (read from ``pem`` on first use)."""
-        key: paramiko.PKey = _paramiko().Ed25519Key.from_private_key(io.StringIO(self.pem))
+        key: paramiko.PKey = paramiko_lib().Ed25519Key.from_private_key(io.StringIO(self.pem))
         return key
 
     @property
@@ -94,7 +94,7 @@ class ClientKey:
     @staticmethod
     def load(path: str) -> ClientKey:
         """A key :meth:`write` wrote (``harness irq watch`` reaches a VM of ``up`` with it)."""
-        lib = _paramiko()
+        lib = paramiko_lib()
         try:
             with open(path) as fh:
                 pem = fh.read()
@@ -117,7 +117,7 @@ def parse_host_key(line: str) -> paramiko.PKey:
     parts = line.split()
     if len(parts) < 2:
         raise GuestError("ssh", f"malformed host key line {line!r}")
-    lib = _paramiko()
+    lib = paramiko_lib()
     try:
         key: paramiko.PKey = lib.PKey.from_type_string(parts[0], base64.b64decode(parts[1]))
         return key
@@ -231,7 +231,7 @@ class GuestSSH:
         deadline = time.monotonic() + timeout
         delay = 0.05
         last: Exception | None = None
-        lib = _paramiko()
+        lib = paramiko_lib()
         while True:
             client = lib.SSHClient()
             client.get_host_keys().add(f"[127.0.0.1]:{self.port}", self._host_key.get_name(),
@@ -306,7 +306,7 @@ class GuestSSH:
         pass through untranslated: they are not the guest's.
         """
         assert self._client is not None
-        lib = _paramiko()
+        lib = paramiko_lib()
         transport = self._client.get_transport()
         if transport is None or not transport.is_active():
             raise GuestError(self.name, f"{what}: the SSH connection is closed")

@@ -85,18 +85,33 @@ def test_byte_compile_writes_what_is_missing_even_when_python_is_told_not_to(
     assert int.from_bytes(pyc.read_bytes()[12:16], "little") == len("VALUE = 22\n")
 
 
-def test_the_job_reads_qemu_and_l2s_images_on_the_side_before_the_harness(
-        tmp_path: Path) -> None:
-    kernel, initrd = tmp_path / "vmlinuz", tmp_path / "initrd cpio"
-    job = l1.run_job(["harness", "run", "x.yaml"], [kernel, initrd], "qemu-system-x86_64")
+def test_the_job_reads_its_list_and_qemu_on_the_side_before_the_harness() -> None:
+    job = l1.run_job(["harness", "run", "x.yaml"], "/lab/warm list", "qemu-system-x86_64")
     side = next(line for line in job.splitlines() if "-version" in line)
-    assert side.startswith("( ( qemu-system-x86_64 -version; cat -- ")
-    assert f"'{initrd}'" in side and side.endswith("& )")  # quoted, in the background
+    assert side == ("( ( xargs -d '\\n' cat -- < '/lab/warm list'; "
+                    "qemu-system-x86_64 -version; ) >/dev/null 2>&1 & )")  # in the background
     assert job.index(side) < job.index("harness run x.yaml")
     checked = subprocess.run(["sh", "-n"], input=job, text=True, capture_output=True,
                              check=False)
     assert checked.returncode == 0, checked.stderr
     assert "-version" not in l1.run_job(["true"])  # nothing to read: no side job
+
+
+def test_the_list_names_a_runs_modules_in_import_order() -> None:
+    out = _python("""
+        from harness.lab import l1
+        files = [str(f) for f in l1._module_files()]
+        import os, sys
+        print(all(os.path.exists(f) for f in files), len(files))
+        def at(part): return next(i for i, f in enumerate(files) if part in f)
+        print(at("harness/__pycache__/cli.") < at("harness/__pycache__/runner."),
+              at("paramiko/__pycache__/transport.") >= 0, at("_rust.abi3.so") >= 0)
+        print(any("/invoke/" in f for f in files))
+    """)
+    exists, count, order, has_paramiko, has_rust, invoke = out.split()
+    assert exists == "True" and int(count) > 100
+    assert (order, has_paramiko, has_rust) == ("True", "True", "True")
+    assert invoke == "False"
 
 
 def test_the_recipes_read_ahead_are_the_ones_the_scenarios_boot() -> None:
