@@ -32,3 +32,4 @@ def test_the_bench_prints_each_path_and_the_ratio_to_the_first() -> None:
     assert ("ratio lab-vfio: ping over the user-space NIC / lab-vfio: ping over the irqfd NIC: "
             "p50 ") in text
     assert "\n  total" in text and text.split("\n  total", 1)[1].split()[0] == "45.00"
+    assert "\n  total / L1 boot                 9.00x (L1's boot" in text
