@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from types import FrameType
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from harness import manual_cli
 from harness.errors import HarnessError, Interrupted, OutputError, UsageError
@@ -31,9 +31,6 @@ from harness.report.command import ReportRequest
 from harness.report.command import add_parsers as add_report_parsers
 from harness.report.command import handle as handle_report
 from harness.report.command import request as report_request
-
-if TYPE_CHECKING:
-    pass
 
 
 @dataclass(frozen=True)

@@ -120,7 +120,7 @@ class GuestVM:
                            if isinstance(image, KernelImage) else None)
             self.image = ensure_image(self.recipe().name, platform, progress=self.progress,
                                       user_kernel=user_kernel)
-        self.accel = choose_accel(self.spec.accel, platform, self.spec.qemu, None, cache_root())
+        self.accel = choose_accel(self.spec.accel, platform, self.spec.qemu, cache_root())
         self.progress(f"{self.name}: accel {self.accel.accel} ({self.accel.reason})")
         self.placed = qargv.place_devices(self.spec.devices, platform)
 

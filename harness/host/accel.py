@@ -235,12 +235,10 @@ def cached_probe_kvm(platform: Platform, qemu: str | None, cache_dir: Path) -> K
     return probe
 
 
-def choose_accel(requested: Accel, platform: Platform, qemu: str | None, kernel: Path | None,
+def choose_accel(requested: Accel, platform: Platform, qemu: str | None,
                  cache_dir: Path) -> AccelDecision:
     """Resolve ``auto`` by the probe program; refuse ``kvm`` where /dev/kvm cannot be opened
-    or the guest is of another architecture than the host.  ``kernel`` is not used any more
-    (the probe boots no kernel); it stays for the callers that still pass one."""
-    del kernel
+    or the guest is of another architecture than the host."""
     if requested == Accel.TCG:
         return AccelDecision("tcg", "TCG requested by the scenario", False)
     host = host_platform()

@@ -12,6 +12,7 @@ harness inside runs this very checkout and boots the images prepared here.
 from __future__ import annotations
 
 import compileall
+import functools
 import importlib
 import importlib.util
 import json
@@ -55,12 +56,11 @@ _EXTRA_SLOTS = (0x1C, 0x1D)
 
 @dataclass(frozen=True)
 class LabSetup:
-    """What an L1 of one platform boots: its kernel and initramfs, its root, its Python."""
+    """What an L1 of one platform boots: its kernel and initramfs, its root, the L2 images."""
 
     platform: Platform
     image: GuestImage
     root: Path  # shared read-only as L1's root (under a tmpfs overlay)
-    python: str  # the Python that runs the harness in L1
     same_path: tuple[Path, ...]  # outer folders L1 mounts at the same paths
     kernel: Path | None = None  # what QEMU boots: the image's kernel, or its PVH vmlinux
     guests: Mapping[str, Path] = field(default_factory=dict)  # builtin recipe -> image folder
@@ -201,10 +201,11 @@ _RUN_MODULES = ("harness.cli", "harness.config", "harness.runner", "harness.repo
                 "harness.report.junit", "harness.report.summary")
 
 
-def _module_files() -> list[Path]:
+@functools.cache
+def _module_files() -> tuple[Path, ...]:
     """The files of the modules a run imports, in import order (bytecode, extensions), as
     this process finds them when it imports the same: L1 runs this machine's root, so the
-    paths are L1's too."""
+    paths are L1's too.  Once per process, whatever the number of L1 boots."""
     for name in _RUN_MODULES:
         importlib.import_module(name)
     paramiko_lib()
@@ -218,7 +219,7 @@ def _module_files() -> list[Path]:
             files.append(cached if cached.exists() else Path(source))
         elif source.endswith(".so"):
             files.append(Path(source))
-    return files
+    return tuple(files)
 
 
 def _byte_compile(package: Path) -> None:
@@ -293,10 +294,10 @@ def prepare(progress: Progress, share: Path, platform: Platform) -> LabSetup:
             raise HarnessError(f"the {platform.arch} lab needs a user space for L1 (this "
                                f"machine's root is {host_platform().arch})")
         _write_tools(share, sys.executable, sysconfig.get_paths()["purelib"])
-        return LabSetup(platform, image, Path("/"), sys.executable, (), kernel, guests)
+        return LabSetup(platform, image, Path("/"), (), kernel, guests)
     userland = ensure_userland(platform.lab.userland, platform, progress)
     _write_tools(share, "python3")
-    return LabSetup(platform, image, userland.root, "python3",
+    return LabSetup(platform, image, userland.root,
                     (repo_root(), cache_root() / "images"), kernel, guests)
 
 

@@ -200,7 +200,7 @@ def test_a_qemu_that_cannot_start_is_named(tmp_path: Path, kvm_opens: None) -> N
 def test_auto_falls_back_to_tcg_with_the_probes_reason(tmp_path: Path,
                                                        kvm_opens: None) -> None:
     qemu = _stand_in(tmp_path, "echo 'qemu: failed to initialize kvm' >&2; exit 1")
-    decision = choose_accel(Accel.AUTO, host_platform(), qemu, None, tmp_path)
+    decision = choose_accel(Accel.AUTO, host_platform(), qemu, tmp_path)
     assert (decision.accel, decision.kvm_usable) == ("tcg", False)
     assert decision.reason == ("KVM not usable, falling back to TCG: QEMU with -accel kvm "
                                "-cpu host failed: qemu: failed to initialize kvm")
