@@ -68,15 +68,24 @@ class LaunchError(HarnessError):
 
 
 class GuestError(HarnessError):
-    """The guest did not become ready or an agent command failed; carries the console tail."""
+    """The guest did not become ready or an agent command failed; carries the console tail.
+
+    ``before_init``: the guest's kernel never started init (it hung, or reset and QEMU
+    exited): the one boot failure a scenario's ``boot_attempts`` may boot again."""
 
     exit_code = 4
 
-    def __init__(self, name: str, reason: str, console_tail: str = "") -> None:
+    def __init__(self, name: str, reason: str, console_tail: str = "",
+                 before_init: bool = False) -> None:
         self.name = name
         self.reason = reason
         self.console_tail = console_tail
+        self.before_init = before_init
         super().__init__(f"{name}: {reason}")
+
+
+class GuestTimeout(GuestError):
+    """The guest's console did not show what was awaited in time, QEMU still running."""
 
 
 class ImageError(HarnessError):

@@ -288,6 +288,10 @@ class Platform:
     kvm_probe: ProbePayload  # the guest program that tests whether KVM runs guest code
     nic_options: Mapping[str, str] = field(default_factory=dict)  # on every emulated NIC
     kernel_args: str = ""  # on every harness guest's kernel command line (L1's too)
+    # HMP ``info registers``: the program counter's names (by CPU mode), and the flag (if
+    # any) that says a vCPU is halted, waiting for an interrupt
+    pc_registers: tuple[str, ...] = ("PC",)
+    halt_flag: str | None = None
 
     def __repr__(self) -> str:
         return f"<Platform {self.arch.value}>"
@@ -339,6 +343,7 @@ X86_64 = Platform(
     # (pci_subsys_init, initcall_debug).  Buses behind root ports (hotplug) and bridges are
     # still found, by walking down from the root bus.
     kernel_args="pci=lastbus=0",
+    pc_registers=("RIP", "EIP"), halt_flag="HLT",
 )
 
 ARM64 = Platform(

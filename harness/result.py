@@ -73,6 +73,7 @@ class VMSummary:
     image_key: str
     ssh_port: int | None
     devices: tuple[tuple[str, str, str], ...]  # (id, kind, guest BDF)
+    retried_boots: tuple[str, ...] = ()  # earlier boots that never reached init, why
 
 
 @dataclass(frozen=True)

@@ -78,6 +78,7 @@ def prepare_vms(scenario: Scenario, run_dir: Path, progress: Progress,
     for spec in scenario.vms:
         vm = stack.enter_context(GuestVM(spec, run_dir, progress, scenario.timeouts.boot_s,
                                          scenario.timeouts.shutdown_s,
+                                         scenario.timeouts.init_s,
                                          user_qmp=qmp_dir / f"{spec.name}.qmp"
                                          if qmp_dir is not None else None))
         vm.prepare()
@@ -85,17 +86,37 @@ def prepare_vms(scenario: Scenario, run_dir: Path, progress: Progress,
     return tuple(vms)
 
 
-def boot(vms: tuple[GuestVM, ...]) -> Booted:
-    """Every QEMU first, then every wait: the guests boot side by side."""
+def boot(vms: tuple[GuestVM, ...], attempts: int = 1,
+         progress: Progress = lambda message: None) -> Booted:
+    """Every QEMU first, then every wait: the guests boot side by side.  A VM whose kernel
+    never reaches init (it hangs, or resets) is booted again, up to ``attempts`` boots in
+    all; the time the retried boots took is a phase of its own."""
     started = time.monotonic()
     for vm in vms:
         vm.launch()
     for vm in vms:
-        vm.wait_ready()
+        while True:
+            try:
+                vm.wait_ready()
+                break
+            except GuestError as exc:
+                done = len(vm.retried_boots) + 1
+                if not exc.before_init or done >= attempts:
+                    if not vm.retried_boots:
+                        raise
+                    raise type(exc)(vm.name, f"{exc.reason} (boot {done} of {attempts}; the "
+                                    f"earlier: {'; '.join(vm.retried_boots)})",
+                                    exc.console_tail, exc.before_init) from None
+                progress(f"{vm.name}: {exc.reason}; booting it again (boot {done + 1} of "
+                         f"{attempts})")
+                vm.relaunch(exc)
+    retried = sum(vm.retried_seconds for vm in vms)
     if len(vms) == 1:
         phases = tuple(Phase(n, s) for n, s in vms[0].times.phases())
     else:
-        phases = (Phase(f"boot {len(vms)} VMs", time.monotonic() - started),)
+        phases = (Phase(f"boot {len(vms)} VMs", time.monotonic() - started - retried),)
+    if retried:
+        phases = (Phase("retried boots", retried), *phases)
     return Booted(tuple(_summary(vm) for vm in vms), phases)
 
 
@@ -104,7 +125,8 @@ def _summary(vm: GuestVM) -> VMSummary:
     return VMSummary(vm.name, vm.platform.arch.value, vm.spec.qemu or vm.platform.qemu,
                      vm.machine.version if vm.machine else "", vm.accel.accel, vm.accel.reason,
                      vm.kernel_release, vm.image_key, vm.ssh.port,
-                     tuple((p.device.id, p.device.kind, p.bdf) for p in vm.placed))
+                     tuple((p.device.id, p.device.kind, p.bdf) for p in vm.placed),
+                     tuple(vm.retried_boots))
 
 
 def snapshot(vms: tuple[GuestVM, ...], host: HostEvidence | None, label: str,
@@ -308,7 +330,7 @@ def _phases(scenario: Scenario, run: _Progress, vms: list[GuestVM],
     stack.enter_context(vm_stack)
     ready = tuple(vms)
     with run.phase("boot"):
-        booted = boot(ready)
+        booted = boot(ready, scenario.timeouts.boot_attempts, progress)
     run.update(vms=booted.vms, phases=run.result.phases[:-1] + booted.phases)
     if any(w.stage is Stage.SETUP for w in scenario.workloads):
         with run.phase("setup"):

@@ -3,7 +3,10 @@
 ``GuestVM`` is the unit the runner and the pytest fixtures share.  Readiness is a chain of
 small waits, each with its own failure that says what was waited for: QMP greeting (in
 Machine.launch), the init's first console line, the host key on the console, SSH, the agent.
-Every wait fails fast with the console tail if the guest panics or QEMU exits.
+Every wait fails fast with the console tail if the guest panics or QEMU exits; one that
+times out says what the vCPUs were doing (``<vm>.stuck.txt`` keeps the register samples).
+A kernel that never reaches init may be booted again (:meth:`GuestVM.relaunch`): the
+earlier attempt's console, QEMU log, argv and samples stay beside, named ``<vm>.attempt1.*``.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from pathlib import Path
 from types import TracebackType
 
 from harness.config.model import VM, BuiltinImage, CloudImage, KernelImage
-from harness.errors import GuestError
+from harness.errors import GuestError, GuestTimeout
 from harness.guest.agent import GuestAgent, GuestSnapshot
 from harness.guest.ssh import ClientKey, CommandResult, GuestSSH, parse_host_key, preload
 from harness.host.accel import AccelDecision, choose_accel
@@ -34,6 +37,8 @@ from harness.images.cloud import make_overlay, make_seed
 from harness.platform import Platform, platform_for
 from harness.qemu import argv as qargv
 from harness.qemu.machine import Machine, check_qemu_binary
+from harness.qemu.qmp import QmpError
+from harness.qemu.registers import describe, take_samples
 from harness.scratch import scratch_dir
 
 log = logging.getLogger(__name__)
@@ -76,6 +81,7 @@ class GuestVM:
     progress: Progress = field(default=lambda message: None)
     boot_timeout: float = 120.0
     shutdown_timeout: float = 10.0
+    init_timeout: float | None = None  # QEMU start to init's first line (None: boot_timeout)
     accel: AccelDecision | None = None
     image: GuestImage | None = None
     placed: tuple[qargv.PlacedDevice, ...] = ()
@@ -86,6 +92,9 @@ class GuestVM:
     # ``harness up``: a QMP monitor for people on this Unix socket path (in a private 0700
     # folder the caller made); None: the harness's own socketpair monitor only
     user_qmp: Path | None = None
+    # earlier boots of this VM whose kernel never reached init, why in one line, oldest first
+    retried_boots: list[str] = field(default_factory=list)
+    retried_seconds: float = 0.0  # the time they took, launch to teardown
     _client_key: ClientKey | None = None
     _ssh_user: str = "root"
     _scratch: list[Path] = field(default_factory=list)
@@ -252,16 +261,30 @@ class GuestVM:
         self.times.launch = self.machine.launched_at
         self.times.qmp_ready = self.machine.qmp_ready_at
         deadline = self.machine.launched_at + self.boot_timeout
+        init_limit = min(self.init_timeout or self.boot_timeout, self.boot_timeout)
+        init_deadline = self.machine.launched_at + init_limit
 
-        def left() -> float:
-            return max(deadline - time.monotonic(), 0.1)
+        def left(until: float = deadline) -> float:
+            return max(until - time.monotonic(), 0.1)
 
-        console.wait_for(r"^harness-init: start", left(), "the guest's init to start")
+        try:
+            console.wait_for(r"^harness-init: start", left(init_deadline),
+                             "the guest's init to start")
+        except GuestTimeout as exc:
+            exc.reason = f"the kernel did not start init within {init_limit:g} s of QEMU's start"
+            raise self._stuck(exc, before_init=True) from None
+        except GuestError as exc:  # QEMU exited: a guest reset (-no-reboot) or it died
+            death = self.machine.death()
+            raise GuestError(self.name, f"{exc.reason}: QEMU {death}" if death else exc.reason,
+                             exc.console_tail, before_init=True) from None
         self.times.init_started = console.first_time(r"^harness-init: start") or time.monotonic()
         self.progress(f"{self.name}: kernel booted, init running")
-        host_key_line = console.wait_for(r"^harness-hostkey: (ssh-\S+ \S+)", left(),
-                                         "the guest's SSH host key").group(1)
-        console.wait_for(r"^harness-init: ready", left(), "the guest's init to finish")
+        try:
+            host_key_line = console.wait_for(r"^harness-hostkey: (ssh-\S+ \S+)", left(),
+                                             "the guest's SSH host key").group(1)
+            console.wait_for(r"^harness-init: ready", left(), "the guest's init to finish")
+        except GuestTimeout as exc:
+            raise self._stuck(exc, before_init=False) from None
         self.times.guest_ready = console.first_time(r"^harness-init: ready") or time.monotonic()
         port = self.machine.ssh_port()
         self.ssh = GuestSSH(self.name, port, parse_host_key(host_key_line), client_key, user)
@@ -271,6 +294,57 @@ class GuestVM:
         self.times.ssh_ready = time.monotonic()
         self.progress(f"{self.name}: SSH ready on 127.0.0.1:{port} "
                       f"({self.times.ssh_ready - self.times.launch:.1f} s after launch)")
+
+    def _stuck(self, timeout: GuestTimeout, before_init: bool) -> GuestTimeout:
+        """``timeout`` with what the vCPUs were doing added (three register samples over a
+        second, kept in ``<vm>.stuck.txt``)."""
+        assert self.machine is not None and self.machine.qmp is not None
+        qmp, path = self.machine.qmp, self.run_dir / f"{self.name}.stuck.txt"
+        try:
+            status = qmp.execute("query-status", timeout=5.0)
+            samples = take_samples(lambda: qmp.hmp("info registers -a", timeout=5.0))
+        except QmpError as exc:
+            reading = f"vCPU registers not read ({exc})"
+        else:
+            reading = describe(samples, self.platform)
+            state = status.get("status", "?") if isinstance(status, dict) else "?"
+            if state != "running":
+                reading = f"QEMU says the VM is {state}; {reading}"
+            try:
+                path.write_text(f"query-status: {status}\n" + "".join(
+                    f"\n--- info registers -a, +{at - samples[0][0]:.2f} s ---\n{text}\n"
+                    for at, text in samples))
+                reading += f" ({path.name})"
+            except OSError as exc:
+                reading += f" (samples not kept: {exc.strerror})"
+        log.info("%s: %s: %s", self.name, timeout.reason, reading)
+        return GuestTimeout(self.name, f"{timeout.reason}; {reading}", timeout.console_tail,
+                            before_init=before_init)
+
+    def relaunch(self, failed: GuestError) -> None:
+        """Tear down a boot whose kernel never reached init (``failed``, from
+        :meth:`wait_ready`) and launch again.
+
+        That attempt's console log, QEMU log, argv and register samples are renamed
+        ``<vm>.attemptN.*``; ``retried_boots`` keeps its reason for the report."""
+        if self.machine is None:
+            raise GuestError(self.name, "not launched")
+        self.retried_boots.append(failed.reason)
+        self.machine.shutdown(self.shutdown_timeout)
+        if self.machine.launched_at is not None:
+            self.retried_seconds += time.monotonic() - self.machine.launched_at
+        attempt = len(self.retried_boots)
+        # its reason names its register samples, which move to the attempt's name
+        self.retried_boots[-1] = failed.reason.replace(
+            f"({self.name}.stuck.txt)", f"({self.name}.attempt{attempt}.stuck.txt)")
+        for suffix in ("console.log", "qemu.log", "argv", "stuck.txt"):
+            path = self.run_dir / f"{self.name}.{suffix}"
+            if path.exists():
+                path.rename(self.run_dir / f"{self.name}.attempt{attempt}.{suffix}")
+        if self.user_qmp is not None:
+            self.user_qmp.unlink(missing_ok=True)
+        self.machine, self._client_key, self.times = None, None, BootTimes()
+        self.launch()
 
     # --- use ---------------------------------------------------------------------------------
 

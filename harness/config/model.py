@@ -219,6 +219,14 @@ class Timeouts:
                                                       exclusiveMinimum=0, maximum=3600))
     shutdown_s: float = field(default=10.0, metadata=doc("quit -> SIGTERM -> SIGKILL budget",
                                                          exclusiveMinimum=0, maximum=600))
+    init_s: float | None = field(default=None, metadata=doc(
+        "QEMU start to the guest's init starting (default: boot_s); past it the kernel is "
+        "taken as hung: the vCPUs' registers are sampled into <vm>.stuck.txt",
+        exclusiveMinimum=0, maximum=3600))
+    boot_attempts: int = field(default=1, metadata=doc(
+        "boots of a VM whose kernel never reaches init (it hangs past init_s, or resets): "
+        "the failed attempts are kept (<vm>.attemptN.*) and named in the report and the "
+        "summary; a boot that fails after init is never retried", minimum=1, maximum=5))
 
 
 @dataclass(frozen=True)

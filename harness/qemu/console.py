@@ -19,7 +19,7 @@ from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 
-from harness.errors import GuestError
+from harness.errors import GuestError, GuestTimeout
 
 # Lines that mean the guest will not come up; waiting longer only hides the cause.
 FATAL_PATTERNS = (
@@ -147,8 +147,8 @@ class Console:
                                      f"for {what or regex.pattern}", "\n".join(self._tail))
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
-                    raise GuestError(self.name, f"no {what or regex.pattern!r} on the console "
-                                     f"within {timeout:g} s", "\n".join(self._tail))
+                    raise GuestTimeout(self.name, f"no {what or regex.pattern!r} on the "
+                                       f"console within {timeout:g} s", "\n".join(self._tail))
                 self._cond.wait(remaining)
 
     def first_time(self, pattern: str) -> float | None:

@@ -208,7 +208,11 @@ class Machine:
             except ValueError:
                 name = "?"
             return f"killed by signal {-code} ({name})"
-        return f"exited with code {code}"
+        # QEMU's last SHUTDOWN event says who ended it: "guest-reset" (a reboot under
+        # -no-reboot: with panic=-1, a kernel panic), "guest-shutdown", "host-qmp-quit"...
+        why = [e.get("data", {}).get("reason") for e in (self.qmp.events if self.qmp else ())
+               if e.get("event") == "SHUTDOWN"]
+        return f"exited with code {code}" + (f" ({why[-1]})" if why and why[-1] else "")
 
     def wait_exit(self, timeout: float) -> int:
         """Wait for QEMU to exit by itself (a guest that powers off)."""

@@ -241,6 +241,8 @@ def _run_section(run: dict[str, Any]) -> str:
         out.append("<p>" + "<br>".join(
             f"{esc(vm.get('name'))}: {esc(vm.get('arch', '?'))}, {esc(vm.get('accel'))} "
             f"({esc(vm.get('accel_reason'))}), kernel {esc(vm.get('kernel_release'))}"
+            + "".join(f"<br>boot {i} never reached init, booted again: {esc(why)}"
+                      for i, why in enumerate(vm.get("retried_boots") or (), 1))
             for vm in r["vms"]) + "</p>")
     if r["vectors"]:
         rows = []

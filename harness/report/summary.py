@@ -31,6 +31,8 @@ def format_summary(result: RunResult) -> str:
     out = [f"scenario {result.scenario.name}  ({result.run_dir})"]
     for vm in result.vms:
         out.append(f"  {vm.name}: {vm.accel} - {vm.accel_reason}; kernel {vm.kernel_release}")
+        out += [f"  {vm.name}: boot {i} never reached init, booted again: {why}"
+                for i, why in enumerate(vm.retried_boots, 1)]
     if result.verdicts:
         out.append("")
         out.append(table(

@@ -53,9 +53,15 @@ def qemu_children(pid: int) -> set[int]:
 class Harness:
     """``harness run`` in a subprocess, its stderr followed line by line."""
 
-    def __init__(self, tmp_path: Path, name: str, long: str = "sleep, '120'") -> None:
+    def __init__(self, tmp_path: Path, name: str, long: str = "sleep, '120'",
+                 extra: str = "", append: str = "") -> None:
+        """``extra``: more top-level YAML; ``append``: the guest kernel's extra arguments."""
         scenario = tmp_path / f"{name}.yaml"
-        scenario.write_text(SCENARIO.format(name=name, long=long))
+        text = SCENARIO.format(name=name, long=long) + extra
+        if append:
+            text = text.replace("    memory_mib: 256\n",
+                                f"    memory_mib: 256\n    append: {append}\n")
+        scenario.write_text(text)
         self.out = tmp_path / "runs"
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "harness.cli", "run", str(scenario), "--out", str(self.out)],
@@ -123,6 +129,51 @@ def test_a_guest_panic_during_a_workload_says_so_with_the_console(tmp_path: Path
     report = h.report()
     assert "Kernel panic" in json.dumps(report["console_tails"])
     assert "Traceback" not in err
+
+
+def test_a_kernel_that_never_reaches_init_is_sampled_and_booted_again(tmp_path: Path) -> None:
+    """init_s shorter than the kernel's boot (1.6 s to init here): each boot "hangs" before
+    init as far as the harness can tell, so both attempts fail with the vCPUs sampled."""
+    h = Harness(tmp_path, "hang", extra="timeouts: {init_s: 0.4, boot_attempts: 2}\n")
+    try:
+        h.wait_for("booting it again (boot 2 of 2)")
+        code, out, err = h.finish()
+    finally:
+        h.kill()
+    assert code == 4, out + err
+    (line,) = [ln for ln in out.splitlines() if ln.strip().startswith("ERROR:")]
+    # The last attempt's reading, and the first one's behind it, each naming its samples.
+    hung = "the kernel did not start init within 0.4 s of QEMU's start; vCPU 0: "
+    assert line.count(hung) == 2 and "(boot 2 of 2; the earlier: " in line, line
+    assert line.count("samples over 1.0 s") >= 2, line
+    assert "(g.stuck.txt)" in line and "(g.attempt1.stuck.txt)" in line, line
+    (run,) = h.out.iterdir()
+    for name in ("g.stuck.txt", "g.attempt1.stuck.txt"):
+        text = (run / name).read_text()
+        assert text.startswith("query-status: {") and "'status': 'running'" in text, text
+        assert text.count("--- info registers -a, +") == 3 and "RIP=" in text, text
+    for suffix in ("console.log", "qemu.log", "argv"):
+        assert (run / f"g.attempt1.{suffix}").exists() and (run / f"g.{suffix}").exists()
+    assert "Traceback" not in err
+    assert not qemu_children(h.proc.pid)
+
+
+def test_a_kernel_that_panics_before_init_is_booted_again_and_both_panics_named(
+        tmp_path: Path) -> None:
+    """No init in the initramfs (rdinit= names none): the kernel panics before init."""
+    h = Harness(tmp_path, "noinit", extra="timeouts: {boot_attempts: 2}\n",
+                append="rdinit=/no-such-init")
+    try:
+        code, out, err = h.finish(timeout=120)
+    finally:
+        h.kill()
+    assert code == 4, out + err
+    (line,) = [ln for ln in out.splitlines() if ln.strip().startswith("ERROR:")]
+    assert "(boot 2 of 2; the earlier: guest failed while waiting for the guest's init to " \
+        "start: [" in line and line.endswith("Unable to mount root fs on unknown-block(0,0)))")
+    (run,) = h.out.iterdir()
+    assert "Unable to mount root fs" in (run / "g.attempt1.console.log").read_text()
+    assert not qemu_children(h.proc.pid)
 
 
 @pytest.mark.parametrize("signals", [[signal.SIGINT], [signal.SIGTERM, signal.SIGTERM]],

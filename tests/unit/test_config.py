@@ -148,6 +148,18 @@ def test_ints_are_accepted_as_floats_and_hex_as_ints() -> None:
     assert scenario.timeouts.boot_s == 30.0 and isinstance(scenario.timeouts.boot_s, float)
 
 
+def test_boot_attempts_and_the_init_limit() -> None:
+    head = "name: n\nvms:\n  - name: vm\n    devices: [{kind: virtio-net, id: n0}]\n"
+    scenario = load_scenario_text(head + "timeouts: {init_s: 45, boot_attempts: 2}\n", "a.yaml")
+    assert (scenario.timeouts.init_s, scenario.timeouts.boot_attempts) == (45.0, 2)
+    assert load_scenario_text(head, "b.yaml").timeouts.init_s is None
+    for bad, why in (("boot_attempts: 0", "must be at least 1, got 0"),
+                     ("boot_attempts: 6", "must be at most 5, got 6"),
+                     ("init_s: 0", "must be greater than 0, got 0")):
+        with pytest.raises(ConfigError, match=why):
+            load_scenario_text(head + f"timeouts: {{{bad}}}\n", "c.yaml")
+
+
 def test_image_paths_are_resolved_from_the_scenario_folder(tmp_path: Path,
                                                             monkeypatch: pytest.MonkeyPatch
                                                             ) -> None:
