@@ -271,8 +271,8 @@ class GuestVM:
             console.wait_for(r"^harness-init: start", left(init_deadline),
                              "the guest's init to start")
         except GuestTimeout as exc:
-            exc.reason = f"the kernel did not start init within {init_limit:g} s of QEMU's start"
-            raise self._stuck(exc, before_init=True) from None
+            raise self._stuck(f"the kernel did not start init within {init_limit:g} s of "
+                              "QEMU's start", exc.console_tail, before_init=True) from None
         except GuestError as exc:  # QEMU exited: a guest reset (-no-reboot) or it died
             death = self.machine.death()
             raise GuestError(self.name, f"{exc.reason}: QEMU {death}" if death else exc.reason,
@@ -284,7 +284,7 @@ class GuestVM:
                                              "the guest's SSH host key").group(1)
             console.wait_for(r"^harness-init: ready", left(), "the guest's init to finish")
         except GuestTimeout as exc:
-            raise self._stuck(exc, before_init=False) from None
+            raise self._stuck(exc.reason, exc.console_tail, before_init=False) from None
         self.times.guest_ready = console.first_time(r"^harness-init: ready") or time.monotonic()
         port = self.machine.ssh_port()
         self.ssh = GuestSSH(self.name, port, parse_host_key(host_key_line), client_key, user)
@@ -295,9 +295,10 @@ class GuestVM:
         self.progress(f"{self.name}: SSH ready on 127.0.0.1:{port} "
                       f"({self.times.ssh_ready - self.times.launch:.1f} s after launch)")
 
-    def _stuck(self, timeout: GuestTimeout, before_init: bool) -> GuestTimeout:
-        """``timeout`` with what the vCPUs were doing added (three register samples over a
-        second, kept in ``<vm>.stuck.txt``)."""
+    def _stuck(self, reason: str, console_tail: str, before_init: bool) -> GuestTimeout:
+        """A wait that timed out (``reason``), with what the vCPUs were doing added: three
+        register samples over a second, kept in ``<vm>.stuck.txt``.  A monitor that does not
+        answer is itself the finding (a vCPU that never comes back out of the accelerator)."""
         assert self.machine is not None and self.machine.qmp is not None
         qmp, path = self.machine.qmp, self.run_dir / f"{self.name}.stuck.txt"
         try:
@@ -317,8 +318,8 @@ class GuestVM:
                 reading += f" ({path.name})"
             except OSError as exc:
                 reading += f" (samples not kept: {exc.strerror})"
-        log.info("%s: %s: %s", self.name, timeout.reason, reading)
-        return GuestTimeout(self.name, f"{timeout.reason}; {reading}", timeout.console_tail,
+        log.info("%s: %s: %s", self.name, reason, reading)
+        return GuestTimeout(self.name, f"{reason}; {reading}", console_tail,
                             before_init=before_init)
 
     def relaunch(self, failed: GuestError) -> None:
