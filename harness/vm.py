@@ -38,7 +38,7 @@ from harness.platform import Platform, platform_for
 from harness.qemu import argv as qargv
 from harness.qemu.machine import Machine, check_qemu_binary
 from harness.qemu.qmp import QmpError
-from harness.qemu.registers import describe, take_samples
+from harness.qemu.vcpus import describe, describe_threads, read_thread, take_samples
 from harness.scratch import scratch_dir
 
 log = logging.getLogger(__name__)
@@ -296,28 +296,52 @@ class GuestVM:
                       f"({self.times.ssh_ready - self.times.launch:.1f} s after launch)")
 
     def _stuck(self, reason: str, console_tail: str, before_init: bool) -> GuestTimeout:
-        """A wait that timed out (``reason``), with what the vCPUs were doing added: three
-        register samples over a second, kept in ``<vm>.stuck.txt``.  A monitor that does not
-        answer is itself the finding (a vCPU that never comes back out of the accelerator)."""
+        """A wait that timed out (``reason``), with what the vCPUs were doing added: their
+        threads on the host over a second, then three register samples over a second, all
+        kept in ``<vm>.stuck.txt`` (:mod:`harness.qemu.vcpus`)."""
         assert self.machine is not None and self.machine.qmp is not None
-        qmp, path = self.machine.qmp, self.run_dir / f"{self.name}.stuck.txt"
+        machine, qmp = self.machine, self.machine.qmp
+        path = self.run_dir / f"{self.name}.stuck.txt"
+        kept: list[str] = []
+        readings: list[str] = []
         try:
             status = qmp.execute("query-status", timeout=5.0)
-            samples = take_samples(lambda: qmp.hmp("info registers -a", timeout=5.0))
-        except QmpError as exc:
-            reading = f"vCPU registers not read ({exc})"
-        else:
-            reading = describe(samples, self.platform)
+            kept.append(f"query-status: {status}")
             state = status.get("status", "?") if isinstance(status, dict) else "?"
             if state != "running":
-                reading = f"QEMU says the VM is {state}; {reading}"
-            try:
-                path.write_text(f"query-status: {status}\n" + "".join(
-                    f"\n--- info registers -a, +{at - samples[0][0]:.2f} s ---\n{text}\n"
-                    for at, text in samples))
-                reading += f" ({path.name})"
-            except OSError as exc:
-                reading += f" (samples not kept: {exc.strerror})"
+                readings.append(f"QEMU says the VM is {state}")
+            cpus = qmp.execute("query-cpus-fast", timeout=5.0)
+            tids = {int(c["cpu-index"]): int(c["thread-id"]) for c in cpus}
+        except (QmpError, KeyError, TypeError, ValueError) as exc:
+            tids = {}
+            readings.append(f"vCPU threads not named ({exc})")
+        if tids and machine.pid is not None:
+            pid = machine.pid
+            first = {cpu: read_thread(pid, tid) for cpu, tid in tids.items()}
+            time.sleep(1.0)
+            last = {cpu: read_thread(pid, tid) for cpu, tid in tids.items()}
+            readings.append(describe_threads(first, last, tids))
+            kept += [f"\n--- vCPU {cpu} thread {tids[cpu]}, +{t.at - first_at:.2f} s ---\n"
+                     f"state {t.state}, ticks: user {t.user_ticks} (guest {t.guest_ticks}), "
+                     f"kernel {t.kernel_ticks}; wchan {t.wchan or '-'}\n" + "\n".join(t.stack)
+                     for first_at in [min((t.at for t in first.values() if t), default=0.0)]
+                     for sample in (first, last) for cpu, t in sorted(sample.items()) if t]
+        try:
+            samples = take_samples(lambda: qmp.hmp("info registers -a", timeout=5.0))
+        except QmpError as exc:
+            death = machine.death()
+            readings.append(f"QEMU {death} answering info registers" if death
+                            else f"vCPU registers not read ({exc})")
+        else:
+            readings.append(describe(samples, self.platform))
+            kept += [f"\n--- info registers -a, +{at - samples[0][0]:.2f} s ---\n{text}"
+                     for at, text in samples]
+        reading = "; ".join(readings)
+        try:
+            path.write_text("\n".join(kept) + "\n")
+            reading += f" ({path.name})"
+        except OSError as exc:
+            reading += f" (samples not kept: {exc.strerror})"
         log.info("%s: %s: %s", self.name, reason, reading)
         return GuestTimeout(self.name, f"{reason}; {reading}", console_tail,
                             before_init=before_init)

@@ -143,8 +143,10 @@ def test_a_kernel_that_never_reaches_init_is_sampled_and_booted_again(tmp_path: 
     assert code == 4, out + err
     (line,) = [ln for ln in out.splitlines() if ln.strip().startswith("ERROR:")]
     # The last attempt's reading, and the first one's behind it, each naming its samples.
-    hung = "the kernel did not start init within 0.4 s of QEMU's start; vCPU 0: "
+    hung = "the kernel did not start init within 0.4 s of QEMU's start; vCPU 0 (thread "
     assert line.count(hung) == 2 and "(boot 2 of 2; the earlier: " in line, line
+    # each boot: the vCPU threads on the host (TCG: QEMU's own threads), then the registers
+    assert line.count("of a core in the guest, ") == 4, line
     assert line.count("samples over 1.0 s") >= 2, line
     assert "(g.stuck.txt)" in line and "(g.attempt1.stuck.txt)" in line, line
     (run,) = h.out.iterdir()
@@ -152,6 +154,7 @@ def test_a_kernel_that_never_reaches_init_is_sampled_and_booted_again(tmp_path: 
         text = (run / name).read_text()
         assert text.startswith("query-status: {") and "'status': 'running'" in text, text
         assert text.count("--- info registers -a, +") == 3 and "RIP=" in text, text
+        assert text.count("--- vCPU 1 thread ") == 2 and "; wchan " in text, text
     for suffix in ("console.log", "qemu.log", "argv"):
         assert (run / f"g.attempt1.{suffix}").exists() and (run / f"g.{suffix}").exists()
     assert "Traceback" not in err
