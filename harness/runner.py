@@ -89,16 +89,19 @@ def prepare_vms(scenario: Scenario, run_dir: Path, progress: Progress,
 def boot(vms: tuple[GuestVM, ...], attempts: int = 1,
          progress: Progress = lambda message: None) -> Booted:
     """Every QEMU first, then every wait: the guests boot side by side.  A VM whose kernel
-    never reaches init (it hangs, or resets) is booted again, up to ``attempts`` boots in
-    all; the time the retried boots took is a phase of its own."""
+    never reaches init (it hangs, panics or resets) is booted again, up to ``attempts`` boots
+    in all: every VM is waited for first, each within its own limits, then those that
+    failed so are launched again together.  With one VM, the time its failed boots took is a
+    phase of its own; with several, they are in the boot's total."""
     started = time.monotonic()
     for vm in vms:
         vm.launch()
-    for vm in vms:
-        while True:
+    waiting = list(vms)
+    while waiting:
+        again = []
+        for vm in waiting:
             try:
                 vm.wait_ready()
-                break
             except GuestError as exc:
                 done = len(vm.retried_boots) + 1
                 if not exc.before_init or done >= attempts:
@@ -109,14 +112,16 @@ def boot(vms: tuple[GuestVM, ...], attempts: int = 1,
                                     exc.console_tail, exc.before_init) from None
                 progress(f"{vm.name}: {exc.reason}; booting it again (boot {done + 1} of "
                          f"{attempts})")
-                vm.relaunch(exc)
-    retried = sum(vm.retried_seconds for vm in vms)
+                again.append((vm, exc))
+        for vm, failure in again:
+            vm.relaunch(failure)
+        waiting = [vm for vm, _ in again]
     if len(vms) == 1:
         phases = tuple(Phase(n, s) for n, s in vms[0].times.phases())
+        if vms[0].retried_seconds:
+            phases = (Phase("retried boots", vms[0].retried_seconds), *phases)
     else:
-        phases = (Phase(f"boot {len(vms)} VMs", time.monotonic() - started - retried),)
-    if retried:
-        phases = (Phase("retried boots", retried), *phases)
+        phases = (Phase(f"boot {len(vms)} VMs", time.monotonic() - started),)
     return Booted(tuple(_summary(vm) for vm in vms), phases)
 
 

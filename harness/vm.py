@@ -271,12 +271,17 @@ class GuestVM:
             console.wait_for(r"^harness-init: start", left(init_deadline),
                              "the guest's init to start")
         except GuestTimeout as exc:
-            raise self._stuck(f"the kernel did not start init within {init_limit:g} s of "
+            raise self._stuck(f"the guest's init did not start within {init_limit:g} s of "
                               "QEMU's start", exc.console_tail, before_init=True) from None
-        except GuestError as exc:  # QEMU exited: a guest reset (-no-reboot) or it died
+        except GuestError as exc:
+            # The kernel panicked (on the console) or the guest reset itself (-no-reboot
+            # makes that QEMU's exit): its own doing, before init.  QEMU killed or failing
+            # is not, and is never booted again.
             death = self.machine.death()
+            own = death is None or self.machine.shutdown_reason in ("guest-reset",
+                                                                     "guest-panic")
             raise GuestError(self.name, f"{exc.reason}: QEMU {death}" if death else exc.reason,
-                             exc.console_tail, before_init=True) from None
+                             exc.console_tail, before_init=own) from None
         self.times.init_started = console.first_time(r"^harness-init: start") or time.monotonic()
         self.progress(f"{self.name}: kernel booted, init running")
         try:

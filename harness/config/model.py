@@ -220,8 +220,9 @@ class Timeouts:
     shutdown_s: float = field(default=10.0, metadata=doc("quit -> SIGTERM -> SIGKILL budget",
                                                          exclusiveMinimum=0, maximum=600))
     init_s: float | None = field(default=None, metadata=doc(
-        "QEMU start to the guest's init starting (default: boot_s); past it the kernel is "
-        "taken as hung: the vCPUs' registers are sampled into <vm>.stuck.txt",
+        "QEMU start to the guest's init starting (a cloud image: cloud-init's bootcmd; "
+        "default: boot_s); past it the boot is taken as hung and the vCPUs are sampled "
+        "into <vm>.stuck.txt",
         exclusiveMinimum=0, maximum=3600))
     boot_attempts: int = field(default=1, metadata=doc(
         "boots of a VM whose kernel never reaches init (it hangs past init_s, or resets): "

@@ -208,11 +208,17 @@ class Machine:
             except ValueError:
                 name = "?"
             return f"killed by signal {-code} ({name})"
-        # QEMU's last SHUTDOWN event says who ended it: "guest-reset" (a reboot under
-        # -no-reboot: with panic=-1, a kernel panic), "guest-shutdown", "host-qmp-quit"...
+        why = self.shutdown_reason
+        return f"exited with code {code}" + (f" ({why})" if why else "")
+
+    @property
+    def shutdown_reason(self) -> str | None:
+        """The reason of QEMU's last SHUTDOWN event: "guest-reset" (a reboot under
+        -no-reboot: with panic=-1, a kernel panic), "guest-panic", "guest-shutdown",
+        "host-qmp-quit", ...; None if it sent none."""
         why = [e.get("data", {}).get("reason") for e in (self.qmp.events if self.qmp else ())
                if e.get("event") == "SHUTDOWN"]
-        return f"exited with code {code}" + (f" ({why[-1]})" if why and why[-1] else "")
+        return str(why[-1]) if why and why[-1] else None
 
     def wait_exit(self, timeout: float) -> int:
         """Wait for QEMU to exit by itself (a guest that powers off)."""

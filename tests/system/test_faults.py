@@ -17,6 +17,8 @@ from pathlib import Path
 
 import pytest
 
+from harness.platform import host_platform
+
 pytestmark = pytest.mark.system
 
 REPO = Path(__file__).resolve().parents[2]
@@ -54,13 +56,12 @@ class Harness:
     """``harness run`` in a subprocess, its stderr followed line by line."""
 
     def __init__(self, tmp_path: Path, name: str, long: str = "sleep, '120'",
-                 extra: str = "", append: str = "") -> None:
-        """``extra``: more top-level YAML; ``append``: the guest kernel's extra arguments."""
+                 extra: str = "", vm_keys: str = "") -> None:
+        """``extra``: more top-level YAML; ``vm_keys``: more keys of the VM, one per line."""
         scenario = tmp_path / f"{name}.yaml"
         text = SCENARIO.format(name=name, long=long) + extra
-        if append:
-            text = text.replace("    memory_mib: 256\n",
-                                f"    memory_mib: 256\n    append: {append}\n")
+        for key in vm_keys.splitlines():
+            text = text.replace("    memory_mib: 256\n", f"    memory_mib: 256\n    {key}\n")
         scenario.write_text(text)
         self.out = tmp_path / "runs"
         self.proc = subprocess.Popen(
@@ -132,9 +133,11 @@ def test_a_guest_panic_during_a_workload_says_so_with_the_console(tmp_path: Path
 
 
 def test_a_kernel_that_never_reaches_init_is_sampled_and_booted_again(tmp_path: Path) -> None:
-    """init_s shorter than the kernel's boot (1.6 s to init here): each boot "hangs" before
-    init as far as the harness can tell, so both attempts fail with the vCPUs sampled."""
-    h = Harness(tmp_path, "hang", extra="timeouts: {init_s: 0.4, boot_attempts: 2}\n")
+    """init_s shorter than the kernel's boot under TCG (1.6 s to init here): each boot "hangs"
+    before init as far as the harness can tell, so both attempts fail with the vCPUs
+    sampled."""
+    h = Harness(tmp_path, "hang", extra="timeouts: {init_s: 0.4, boot_attempts: 2}\n",
+                vm_keys="accel: tcg\ncpus: 2")
     try:
         h.wait_for("booting it again (boot 2 of 2)")
         code, out, err = h.finish()
@@ -143,17 +146,18 @@ def test_a_kernel_that_never_reaches_init_is_sampled_and_booted_again(tmp_path: 
     assert code == 4, out + err
     (line,) = [ln for ln in out.splitlines() if ln.strip().startswith("ERROR:")]
     # The last attempt's reading, and the first one's behind it, each naming its samples.
-    hung = "the kernel did not start init within 0.4 s of QEMU's start; vCPU 0 (thread "
+    hung = "the guest's init did not start within 0.4 s of QEMU's start; vCPU 0 (thread "
     assert line.count(hung) == 2 and "(boot 2 of 2; the earlier: " in line, line
     # each boot: the vCPU threads on the host (TCG: QEMU's own threads), then the registers
     assert line.count("of a core in the guest, ") == 4, line
-    assert line.count("samples over 1.0 s") >= 2, line
+    assert line.count(" samples over ") >= 2, line
     assert "(g.stuck.txt)" in line and "(g.attempt1.stuck.txt)" in line, line
     (run,) = h.out.iterdir()
     for name in ("g.stuck.txt", "g.attempt1.stuck.txt"):
         text = (run / name).read_text()
         assert text.startswith("query-status: {") and "'status': 'running'" in text, text
-        assert text.count("--- info registers -a, +") == 3 and "RIP=" in text, text
+        pc = host_platform().pc_registers[0]
+        assert text.count("--- info registers -a, +") == 3 and f"{pc}=" in text, text
         assert text.count("--- vCPU 1 thread ") == 2 and "; wchan " in text, text
     for suffix in ("console.log", "qemu.log", "argv"):
         assert (run / f"g.attempt1.{suffix}").exists() and (run / f"g.{suffix}").exists()
@@ -165,7 +169,7 @@ def test_a_kernel_that_panics_before_init_is_booted_again_and_both_panics_named(
         tmp_path: Path) -> None:
     """No init in the initramfs (rdinit= names none): the kernel panics before init."""
     h = Harness(tmp_path, "noinit", extra="timeouts: {boot_attempts: 2}\n",
-                append="rdinit=/no-such-init")
+                vm_keys="append: rdinit=/no-such-init")
     try:
         code, out, err = h.finish(timeout=120)
     finally:

@@ -11,7 +11,7 @@ from harness.report.json_report import to_dict
 from harness.report.summary import format_summary
 from harness.result import RunResult, VMSummary
 
-WHY = ("the kernel did not start init within 40 s of QEMU's start; vCPU 0: PC ffff8000081c2f34 "
+WHY = ("the guest's init did not start within 40 s of QEMU's start; vCPU 0: PC ffff8000081c2f34 "
        "in all 3 samples over 1.0 s (l2.attempt1.stuck.txt)")
 
 

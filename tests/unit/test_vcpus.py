@@ -36,8 +36,6 @@ def test_arm64_program_counters_and_no_halt_flag() -> None:
     cpus = parse_registers(recorded("arm64-tcg-2vcpu-booting.txt"), ARM64)
     assert [(s.cpu, s.pc_name, s.pc, s.halted) for s in cpus] == [
         (0, "PC", 0xffffabe8f75af4fc, None), (1, "PC", 0xffffabe8f6cf2fbc, None)]
-    # X00..X30 and the vector registers are not the program counter
-    assert all(s.pc is not None and s.pc > 0xffff000000000000 for s in cpus)
 
 
 def test_one_pc_in_every_sample_with_the_halt_flag_is_an_idle_vcpu() -> None:
@@ -72,7 +70,7 @@ def test_an_answer_without_cpus_or_pcs_says_so() -> None:
 def test_a_thread_read_from_the_real_proc() -> None:
     sample = read_thread(os.getpid(), threading.get_native_id())
     assert sample is not None and sample.state == "R"  # it is running: reading itself
-    assert sample.user_ticks >= 0 and sample.kernel_ticks >= 0
+    assert sample.guest_ticks == 0 and sample.stack == ()  # no KVM guest; running: no stack
     assert read_thread(os.getpid(), 2**22 + 1) is None  # no such thread
 
 
