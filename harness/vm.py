@@ -25,6 +25,7 @@ from harness.errors import GuestError, GuestTimeout
 from harness.guest.agent import GuestAgent, GuestSnapshot
 from harness.guest.ssh import ClientKey, CommandResult, GuestSSH, parse_host_key, preload
 from harness.host.accel import AccelDecision, choose_accel
+from harness.host.kmsg import KernelLog
 from harness.images.builder import (
     GuestImage,
     Recipe,
@@ -97,6 +98,7 @@ class GuestVM:
     retried_seconds: float = 0.0  # the time they took, launch to teardown
     _client_key: ClientKey | None = None
     _ssh_user: str = "root"
+    _host_log: KernelLog | None = None  # the host's kernel log since QEMU's start
     _scratch: list[Path] = field(default_factory=list)
 
     @property
@@ -210,6 +212,9 @@ class GuestVM:
 
         self.machine = Machine(self.name, argv_for, self.run_dir,
                                extra_fds=(listener.fileno(),) if listener is not None else ())
+        if self._host_log is not None:
+            self._host_log.close()
+        self._host_log = KernelLog.open()
         self.progress(f"{self.name}: starting QEMU ({accel}, {self.spec.cpus} vCPU, "
                       f"{self.spec.memory_mib} MiB)")
         try:
@@ -341,6 +346,15 @@ class GuestVM:
             readings.append(describe(samples, self.platform))
             kept += [f"\n--- info registers -a, +{at - samples[0][0]:.2f} s ---\n{text}"
                      for at, text in samples]
+        if self._host_log is not None:
+            records, dropped = self._host_log.read()
+            serious = [r for r in records if r.level <= 4]
+            readings.append(
+                f"host kernel: {len(records) + dropped} line(s) since QEMU's start"
+                + (f", {len(serious)} warning(s) or worse, the last: {serious[-1].text!r}"
+                   if serious else ""))
+            kept += [f"\n--- the host kernel's log since QEMU's start ({dropped} older "
+                     "line(s) not kept) ---", *map(str, records)]
         reading = "; ".join(readings)
         try:
             path.write_text("\n".join(kept) + "\n")
@@ -398,6 +412,9 @@ class GuestVM:
 
     def close(self) -> None:
         """Idempotent: SSH, then QEMU (quit, SIGTERM, SIGKILL), then scratch disks."""
+        if self._host_log is not None:
+            self._host_log.close()
+            self._host_log = None
         if self.ssh is not None:
             self.ssh.close()
         if self.machine is not None:
