@@ -19,7 +19,8 @@ def test_a_record_as_dev_kmsg_gives_it() -> None:
     assert (record.level, record.seconds) == (5, 14397.491942)
     assert record.text.endswith("(275 GB/256 GiB)") and "SUBSYSTEM" not in record.text
     assert str(record).startswith("[14397.491942] notice: virtio_blk virtio1:")
-    assert parse_record("12,1,2,-;a user-space record at facility 1, warning").level == 4
+    user = parse_record("12,1,2,-;a user-space record at facility 1, warning")
+    assert user is not None and user.level == 4
     assert parse_record("no separator") is None and parse_record("x,y;text") is None
 
 
