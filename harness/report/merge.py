@@ -70,6 +70,11 @@ def merge(runs: list[Run]) -> dict[str, Any]:
         "passed": not any(o in ("fail", "error") for o in outcomes),
         "flaky": sorted(f"{s} on {h}" for s, row in matrix.items() for h, c in row.items()
                         if c and c["outcome"] == "flaky"),
+        # boots that never reached init and were booted again: the host's health, not a
+        # failure of the scenario, but never hidden
+        "retried_boots": sorted(f"{r.scenario} on {r.column}: {vm['name']}" for r in runs
+                                for vm in r.report["vms"] for _ in vm.get("retried_boots")
+                                or ()),
         "matrix": matrix,
         "vector_paths": dict(sorted(paths.items())),
         "runs": [r.to_dict() for r in runs],
@@ -103,6 +108,9 @@ def format_merged(merged: dict[str, Any]) -> str:
                 lines.append(f"FAIL {where}: {w.get('message') or w['name']}")
         if report["error"]:
             lines.append(f"ERROR {where}: {report['error']['message']}")
+        for vm in report["vms"]:
+            lines += [f"RETRIED {where}: {vm['name']}'s boot {i} never reached init: {why}"
+                      for i, why in enumerate(vm.get("retried_boots") or (), 1)]
         if run["duplicates"]:
             lines.append(f"note: {run['source']} given again as {', '.join(run['duplicates'])}"
                          f" (run {run['run_id']}): counted once")

@@ -179,3 +179,23 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path: Path,
 def test_no_reports_is_a_usage_error(tmp_path: Path) -> None:
     with pytest.raises(UsageError, match="no report.json"):
         load_runs([tmp_path])
+
+
+def test_a_retried_boot_is_named_but_does_not_fail_the_merge(tmp_path: Path) -> None:
+    """A recorded passing run whose VM (as the harness now writes it) needed a second boot."""
+    report = json.loads((DATA / "l0-smoke-passed.json").read_text())
+    (vm, *_) = report["vms"]
+    why = "the guest's init did not start within 40 s of QEMU's start; vCPU 0 (thread 9): R"
+    vm["retried_boots"] = [why]
+    folder = tmp_path / "runner-0" / "retried"
+    folder.mkdir(parents=True)
+    (folder / "report.json").write_text(json.dumps(report))
+    merged = merge(load_runs([tmp_path]))
+    assert merged["passed"] is True
+    (host,) = merged["hosts"]
+    assert merged["retried_boots"] == [f"{report['scenario']['name']} on {host}: {vm['name']}"]
+    text = format_merged(merged)
+    assert f"{vm['name']}'s boot 1 never reached init: {why}" in text
+    assert text.endswith("PASSED")
+    plain = merge(load_runs([fleet(tmp_path / "plain", ["l0-smoke-passed.json"])]))
+    assert plain["retried_boots"] == [] and "RETRIED" not in format_merged(plain)
