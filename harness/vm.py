@@ -339,7 +339,7 @@ class GuestVM:
         try:
             samples = take_samples(lambda: qmp.hmp("info registers -a", timeout=5.0))
         except QmpError as exc:
-            death = machine.death()
+            death = machine.death_within(2.0)
             readings.append(f"QEMU {death} answering info registers" if death
                             else f"vCPU registers not read ({exc})")
         else:

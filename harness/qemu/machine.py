@@ -211,6 +211,16 @@ class Machine:
         why = self.shutdown_reason
         return f"exited with code {code}" + (f" ({why})" if why else "")
 
+    def death_within(self, timeout: float) -> str | None:
+        """:meth:`death`, once QEMU has exited or ``timeout`` passed: for a monitor that
+        went away, which it does a moment before the process is gone."""
+        if self._proc is not None and self.state is MachineState.RUNNING:
+            try:
+                self._proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                pass
+        return self.death()
+
     @property
     def shutdown_reason(self) -> str | None:
         """The reason of QEMU's last SHUTDOWN event: "guest-reset" (a reboot under

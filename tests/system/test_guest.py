@@ -133,6 +133,19 @@ def test_launch_failure_reports_exit_code_argv_and_output(tmp_path: Path) -> Non
     assert "exit code 1" in str(err)
 
 
+def test_a_qemu_that_crashes_is_named_once_it_is_gone(tmp_path: Path) -> None:
+    """A QEMU that dies (SIGSEGV sent from outside, as QEMU 7.2 crashed answering 'info
+    registers' for the Arm lab's stuck L2): its monitor goes first, the process a moment
+    later; death_within waits for the process and names the signal."""
+    vm = GuestVM(smoke_vm(name="t3"), tmp_path)
+    with vm:
+        vm.launch()
+        assert vm.machine is not None and vm.machine.pid is not None
+        assert vm.machine.death_within(0.2) is None  # still running: waited, then None
+        os.kill(vm.machine.pid, signal.SIGSEGV)
+        assert vm.machine.death_within(5.0) == "killed by signal 11 (SIGSEGV)"
+
+
 @pytest.mark.parametrize("arch", ARCHES)
 def test_a_panicking_guest_fails_fast_with_the_console_tail(tmp_path: Path, arch: Arch) -> None:
     vm = GuestVM(smoke_vm(name="t3", arch=arch, append="rdinit=/no-such-init"), tmp_path,
