@@ -390,11 +390,17 @@ def run_in_lab(platform: Platform, boots: list[LabBoot], run_dir: Path, progress
 
 # QEMU's TCG sometimes hangs an L1 vCPU in nested virtualization (seen with the x86 lab's
 # nested SVM, about one L2 start in four on a 2-core machine): the L1 kernel's watchdog says so
-# within half a minute.  Such an L1 is booted again, once; the hang is noted in the result.
-_LOCKUP = re.compile(r"watchdog: BUG: soft lockup|rcu: INFO: rcu_\w+ self-detected stall")
+# within half a minute, from the stuck CPU itself or from another one ("detected stalls on
+# CPUs/tasks": L1's CPU 0 gone into L2 for good, seen here in CI with L1's heartbeat stopped
+# and only the kernel's stall reports coming).  Such an L1 is booted again, once; the hang is
+# noted in the result.
+_LOCKUP = re.compile(r"watchdog: BUG: soft lockup|"
+                     r"rcu: INFO: rcu_\w+ (?:self-detected stall|detected stalls on CPUs)")
+# A kernel log record on the console ("[  104.377657] ..."): not a sign the job is alive.
+_KERNEL_LINE = re.compile(r"^\[\s*\d+\.\d+\] ")
 LOCKUP_ATTEMPTS = 2
 HEARTBEAT_S = 10  # the job prints "harness-lab: alive" this often
-SILENCE_S = 120.0  # no console line for this long: L1 has hung
+SILENCE_S = 120.0  # no line of the job (heartbeat, progress) for this long: L1 has hung
 
 
 class L1LockedUp(LaunchError):
@@ -416,7 +422,7 @@ def _follow(machine: Machine, progress: Progress, timeout: float) -> float | Non
             raise LaunchError("lab-l1", f"the job did not finish within {timeout:g} s",
                               machine.argv)
         if now - heard > SILENCE_S:
-            raise L1LockedUp(machine.name, f"L1 locked up: not a console line for "
+            raise L1LockedUp(machine.name, f"L1 locked up: not a line of the job for "
                              f"{now - heard:.0f} s (its heartbeat comes every {HEARTBEAT_S} s)",
                              machine.argv)
         try:
@@ -431,7 +437,7 @@ def _follow(machine: Machine, progress: Progress, timeout: float) -> float | Non
             if line.text.startswith("[") and "] " in line.text[:12]:
                 progress(f"L1 {line.text}")
                 first = line.at if first is None else first
-        if lines:
+        if any(not _KERNEL_LINE.match(line.text) for line in lines):
             heard = time.monotonic()
         seen = lines[-1].number + 1 if lines else seen
         if any(ln.text.startswith("harness-lab: job end") for ln in lines):
