@@ -282,7 +282,7 @@ class GuestVM:
             # The kernel panicked (on the console) or the guest reset itself (-no-reboot
             # makes that QEMU's exit): its own doing, before init.  QEMU killed or failing
             # is not, and is never booted again.
-            death = self.machine.death()
+            death = self.machine.death_within(2.0)  # the console closes a moment before
             own = death is None or self.machine.shutdown_reason in ("guest-reset",
                                                                      "guest-panic")
             raise GuestError(self.name, f"{exc.reason}: QEMU {death}" if death else exc.reason,
