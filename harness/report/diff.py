@@ -11,7 +11,9 @@ Compared per scenario and host (a lab run's host is its runner, marked "(lab)"):
 - **vanished**: a host, or a scenario on a host, that ran last night and not tonight;
 - **latency**: ping round trips over a path that moved beyond the noise of the runs
   themselves: each night's median lies outside the other night's interquartile range
-  (at least 20 samples a side).  Reported, never failing (timing is the noisiest figure).
+  (at least 20 samples a side).  Reported, never failing (timing is the noisiest figure);
+- **retried**: tonight's boots that never reached init and were booted again (the scenario's
+  ``boot_attempts``), every night they happen: the host's health, never failing.
 
 Flakiness policy: a case is *flaky*, reported as such and not as a regression, when tonight's
 runs of it disagree (the CI templates retry a failed scenario once), or when, in the nights
@@ -31,8 +33,8 @@ from harness.report.runs import Run
 _RANK = {"posted": 0, "irqfd-bounce": 1, "userspace-bounce": 2, "emulated": 2,
          "not-delivered": 3, "no path": 4}
 MIN_SAMPLES = 20
-ORDER = ("path", "new failure", "error", "vanished", "flaky", "fixed", "path improved",
-         "latency", "new")
+ORDER = ("path", "new failure", "error", "vanished", "flaky", "retried", "fixed",
+         "path improved", "latency", "new")
 
 
 @dataclass(frozen=True)
@@ -47,7 +49,7 @@ class Change:
 
     def line(self) -> str:
         tag = {"path": "PATH", "new failure": "NEW FAIL", "error": "ERROR",
-               "vanished": "VANISHED", "flaky": "FLAKY", "fixed": "FIXED",
+               "vanished": "VANISHED", "flaky": "FLAKY", "retried": "RETRIED", "fixed": "FIXED",
                "path improved": "PATH+", "latency": "LATENCY", "new": "NEW"}[self.kind]
         return f"{tag:<9} {self.where}: {self.what}"
 
@@ -194,6 +196,11 @@ def compare(old: Sequence[Run], new: Sequence[Run],
                 changes.append(Change(kind, where, what + note, not known))
             elif outcome == "pass" and was in ("fail", "flaky"):
                 changes.append(Change("fixed", where, f"{case} passes (it was {was})", False))
+        retried = [f"{vm['name']}: {why}" for r in mine for vm in r.report["vms"]
+                   for why in vm.get("retried_boots") or ()]
+        if retried:
+            changes.append(Change("retried", where, f"{len(retried)} boot(s) never reached "
+                                  f"init and were booted again ({'; '.join(retried)})", False))
         if theirs is None:
             if h in old_hosts:
                 changes.append(Change("new", where, "scenario new on this host tonight", False))

@@ -39,6 +39,9 @@ def render(merged: dict[str, Any], title: str, diff_text: str | None = None,
            "",
            f"{len(merged['runs'])} run(s) of {len(merged['scenarios'])} scenario(s) on "
            f"{len(merged['hosts'])} host(s).", ""]
+    if merged.get("retried_boots"):
+        out += ["⚠️ boots that never reached init and were booted again: "
+                + ", ".join(_md(b) for b in merged["retried_boots"]), ""]
     if diff_text:
         out += ["### Since the last night", "", "```", diff_text.rstrip(), "```", ""]
     hosts = merged["hosts"]

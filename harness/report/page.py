@@ -304,6 +304,9 @@ def render(merged: dict[str, Any], title: str, diff_text: str | None = None,
     if merged.get("flaky"):
         parts.append("<h2>Flaky (a retry disagreed)</h2><ul>" + "".join(
             f"<li>{esc(f)}</li>" for f in merged["flaky"]) + "</ul>")
+    if merged.get("retried_boots"):
+        parts.append("<h2>Retried boots (never reached init, booted again)</h2><ul>" + "".join(
+            f"<li>{esc(f)}</li>" for f in merged["retried_boots"]) + "</ul>")
     if diff_text:
         parts.append(f'<h2 id="diff">Since the last night</h2><pre>{esc(diff_text)}</pre>')
     parts.append(f'<h2 id="matrix">Scenario x host</h2><p class="legend">{legend}</p>'

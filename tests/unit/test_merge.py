@@ -11,6 +11,7 @@ import pytest
 
 from harness.cli import main
 from harness.errors import UsageError
+from harness.report import markdown, page
 from harness.report.merge import format_merged, load_runs, merge, merged_junit
 
 DATA = Path(__file__).resolve().parents[1] / "data" / "reports"
@@ -197,5 +198,10 @@ def test_a_retried_boot_is_named_but_does_not_fail_the_merge(tmp_path: Path) -> 
     text = format_merged(merged)
     assert f"{vm['name']}'s boot 1 never reached init: {why}" in text
     assert text.endswith("PASSED")
+    item = f"{report['scenario']['name']} on {host}: {vm['name']}"
+    assert f"<h2>Retried boots (never reached init, booted again)</h2><ul><li>{item}</li>" \
+        in page.render(merged, "night")
+    assert f"⚠️ boots that never reached init and were booted again: {item}\n" \
+        in markdown.render(merged, "night")
     plain = merge(load_runs([fleet(tmp_path / "plain", ["l0-smoke-passed.json"])]))
     assert plain["retried_boots"] == [] and "RETRIED" not in format_merged(plain)

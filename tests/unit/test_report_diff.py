@@ -172,3 +172,15 @@ def test_a_store_path_of_another_kind_is_refused(tmp_path: Path,
     assert main(["report", "store", str(tmp_path / "history.txt"), str(N1)]) == 2
     assert "a result store is a file named *.sqlite" in capsys.readouterr().err
     assert not (tmp_path / "history.txt").exists()
+
+
+def test_a_retried_boot_tonight_is_reported_never_failing(tmp_path: Path) -> None:
+    tonight = night(N1)
+    posted = next(r for r in tonight["runs"] if r["scenario"] == "lab-arm-posted")
+    why = "the guest's init did not start within 40 s of QEMU's start; vCPU 0 (thread 150): R"
+    posted["report"]["vms"][0]["retried_boots"] = [why]
+    path = write(tmp_path, "tonight.json", tonight)
+    (change,) = compare(load_runs([N1]), load_runs([path]))
+    assert (change.kind, change.regression) == ("retried", False)
+    assert change.what == f"1 boot(s) never reached init and were booted again (l2: {why})"
+    assert change.line().startswith("RETRIED   lab-arm-posted on ")
