@@ -39,7 +39,7 @@ from harness.platform import Platform, platform_for
 from harness.qemu import argv as qargv
 from harness.qemu.machine import Machine, check_qemu_binary
 from harness.qemu.qmp import QmpError
-from harness.qemu.vcpus import describe, describe_threads, read_thread, take_samples
+from harness.qemu.vcpus import describe, sample_threads, take_samples
 from harness.scratch import scratch_dir
 
 log = logging.getLogger(__name__)
@@ -326,16 +326,9 @@ class GuestVM:
             tids = {}
             readings.append(f"vCPU threads not named ({exc})")
         if tids and machine.pid is not None:
-            pid = machine.pid
-            first = {cpu: read_thread(pid, tid) for cpu, tid in tids.items()}
-            time.sleep(1.0)
-            last = {cpu: read_thread(pid, tid) for cpu, tid in tids.items()}
-            readings.append(describe_threads(first, last, tids))
-            kept += [f"\n--- vCPU {cpu} thread {tids[cpu]}, +{t.at - first_at:.2f} s ---\n"
-                     f"state {t.state}, ticks: user {t.user_ticks} (guest {t.guest_ticks}), "
-                     f"kernel {t.kernel_ticks}; wchan {t.wchan or '-'}\n" + "\n".join(t.stack)
-                     for first_at in [min((t.at for t in first.values() if t), default=0.0)]
-                     for sample in (first, last) for cpu, t in sorted(sample.items()) if t]
+            reading, threads = sample_threads(machine.pid, tids)
+            readings.append(reading)
+            kept += threads
         try:
             samples = take_samples(lambda: qmp.hmp("info registers -a", timeout=5.0))
         except QmpError as exc:

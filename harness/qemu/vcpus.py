@@ -114,6 +114,11 @@ class ThreadSample:
     wchan: str  # where it sleeps ("0" or "" when running)
     stack: tuple[str, ...]  # kernel stack, innermost first (only for a thread not running)
 
+    def text(self) -> str:
+        return (f"state {self.state}, ticks: user {self.user_ticks} (guest {self.guest_ticks}), "
+                f"kernel {self.kernel_ticks}; wchan {self.wchan or '-'}\n"
+                + "\n".join(self.stack))
+
 
 def read_thread(pid: int, tid: int, proc: Path = Path("/proc")) -> ThreadSample | None:
     """A thread of process ``pid`` now; None once it is gone."""
@@ -139,6 +144,20 @@ def _read(path: Path) -> str:
         return path.read_text().strip()
     except OSError:  # stack needs CAP_SYS_ADMIN; a thread can end between two reads
         return ""
+
+
+def sample_threads(pid: int, tids: Mapping[int, int], interval: float = 1.0
+                   ) -> tuple[str, list[str]]:
+    """The vCPU threads ``tids`` (vCPU index -> thread id) of QEMU ``pid``, read twice
+    ``interval`` apart: the one-line reading (:func:`describe_threads`) and each read, as
+    text to keep."""
+    first = {cpu: read_thread(pid, tid) for cpu, tid in tids.items()}
+    time.sleep(interval)
+    last = {cpu: read_thread(pid, tid) for cpu, tid in tids.items()}
+    start = min((t.at for t in first.values() if t), default=0.0)
+    kept = [f"\n--- vCPU {cpu} thread {tids[cpu]}, +{t.at - start:.2f} s ---\n{t.text()}"
+            for sample in (first, last) for cpu, t in sorted(sample.items()) if t]
+    return describe_threads(first, last, tids), kept
 
 
 def describe_threads(first: Mapping[int, ThreadSample | None],

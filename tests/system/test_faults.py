@@ -101,6 +101,12 @@ def error_lines(err: str) -> list[str]:
     return [ln for ln in err.splitlines() if ln.startswith("harness: error:")]
 
 
+def summary_error(out: str) -> str:
+    """The run summary's one ERROR line (stdout)."""
+    (line,) = [ln for ln in out.splitlines() if ln.strip().startswith("ERROR:")]
+    return line
+
+
 def test_qemu_killed_from_outside_is_named_with_its_signal(tmp_path: Path) -> None:
     h = Harness(tmp_path, "killed")
     try:
@@ -125,7 +131,7 @@ def test_a_guest_panic_during_a_workload_says_so_with_the_console(tmp_path: Path
     finally:
         h.kill()
     assert code == 4, out + err
-    (line,) = [ln for ln in out.splitlines() if ln.strip().startswith("ERROR:")]
+    line = summary_error(out)
     assert "the guest printed '[" in line and "Kernel panic - not syncing" in line, line
     report = h.report()
     assert "Kernel panic" in json.dumps(report["console_tails"])
@@ -144,7 +150,7 @@ def test_a_kernel_that_never_reaches_init_is_sampled_and_booted_again(tmp_path: 
     finally:
         h.kill()
     assert code == 4, out + err
-    (line,) = [ln for ln in out.splitlines() if ln.strip().startswith("ERROR:")]
+    line = summary_error(out)
     # The last attempt's reading, and the first one's behind it, each naming its samples.
     hung = "the guest's init did not start within 0.4 s of QEMU's start; vCPU 0 (thread "
     assert line.count(hung) == 2 and "(boot 2 of 2; the earlier: " in line, line
@@ -175,7 +181,7 @@ def test_a_kernel_that_panics_before_init_is_booted_again_and_both_panics_named(
     finally:
         h.kill()
     assert code == 4, out + err
-    (line,) = [ln for ln in out.splitlines() if ln.strip().startswith("ERROR:")]
+    line = summary_error(out)
     assert "(boot 2 of 2; the earlier: guest failed while waiting for the guest's init to " \
         "start: [" in line and line.count("Unable to mount root fs") >= 3, line
     # panic=-1 and -no-reboot: the panic is a reset, QEMU's exit says so

@@ -15,6 +15,7 @@ from harness.qemu.vcpus import (
     describe_threads,
     parse_registers,
     read_thread,
+    sample_threads,
 )
 
 DATA = Path(__file__).resolve().parents[1] / "data" / "registers"
@@ -112,3 +113,17 @@ def test_a_running_thread_without_a_stack_and_a_gone_one() -> None:
         "vCPU 0 (thread 7): R, 0% of a core in the guest, 50% in QEMU, 0% in the host kernel "
         "over 2.0 s; vCPU 1 (thread 8): gone")
     assert describe_threads({}, {}, {}) == "no vCPU threads named by QEMU"
+
+
+def test_sampling_this_processs_own_thread_twice() -> None:
+    """sample_threads on the real /proc: this thread, read twice 0.1 s apart."""
+    tid = threading.get_native_id()
+    reading, kept = sample_threads(os.getpid(), {0: tid}, interval=0.1)
+    assert reading.startswith(f"vCPU 0 (thread {tid}): R, 0% of a core in the guest, ")
+    first, second = (k.split(" ---")[0] for k in kept)
+    assert first == f"\n--- vCPU 0 thread {tid}, +0.00 s"
+    later = float(second.removeprefix(f"\n--- vCPU 0 thread {tid}, +").removesuffix(" s"))
+    assert 0.1 <= later < 5  # the second read, after the interval
+    assert all("; wchan " in k for k in kept)
+    assert sample_threads(os.getpid(), {0: 2**22 + 1}, interval=0.0)[0] == \
+        f"vCPU 0 (thread {2**22 + 1}): gone"
